@@ -1,0 +1,451 @@
+"""GPT-2: the decoder-only transformer of "Language Models are Unsupervised Multitask Learners"
+(Radford et al., 2019), itself GPT-1 (Radford et al., 2018) with pre-norm blocks, a final
+LayerNorm and residual projections initialised with 1/sqrt(2 * n_layer).
+
+Checked against Hugging Face `transformers.GPT2LMHeadModel` (tests/test_parity.py): logits
+agree to 1e-4 in fp32, and checkpoints load both ways.
+
+This file is the template of every other model in minllm: the same section order and names,
+so `diff gpt2/model.py llama31/model.py` lists only what changed between the architectures.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    block_size: int = 1024  # longest sequence; learned positions exist only up to here
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # residual stream width
+    intermediate_size: int = 3072  # MLP hidden width (4 * n_embd in every GPT-2)
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, the reference)
+    init_std: float = 0.02  # std of the normal initialisation
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"Config.n_embd ({self.n_embd}) must be divisible by Config.n_head ({self.n_head})")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ValueError(f"Config.attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    # --- presets: looked up by exact name, never fuzzy-matched ---
+
+    @classmethod
+    def tiny(cls):  # the CPU default: trains on Shakespeare in about a minute
+        return cls(block_size=256, n_layer=4, n_head=4, n_embd=128, intermediate_size=512)
+
+    @classmethod
+    def gpt2(cls):  # 124M
+        return cls(n_layer=12, n_head=12, n_embd=768, intermediate_size=3072)
+
+    @classmethod
+    def gpt2_medium(cls):  # 355M
+        return cls(n_layer=24, n_head=16, n_embd=1024, intermediate_size=4096)
+
+    @classmethod
+    def gpt2_large(cls):  # 774M
+        return cls(n_layer=36, n_head=20, n_embd=1280, intermediate_size=5120)
+
+    @classmethod
+    def gpt2_xl(cls):  # 1558M
+        return cls(n_layer=48, n_head=25, n_embd=1600, intermediate_size=6400)
+
+    PRESETS = ("tiny", "gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**{**asdict(getattr(cls, name)()), **overrides})
+
+    # --- Hugging Face config.json ---
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides):
+        n_embd = hf["n_embd"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=n_embd,
+            intermediate_size=hf.get("n_inner") or 4 * n_embd,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            **overrides,
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "n_inner": self.intermediate_size,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "initializer_range": self.init_std,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        }
+
+
+# -----------------------------------------------------------------------------
+# KV cache: allocated only for generation, written at `pos`
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        # k, v: (B, n_kv_heads, T, head_dim) for positions pos .. pos+T-1
+        T = k.size(2)
+        if pos + T > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write {T} at pos={pos}")
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # (B, n_kv_heads, pos+T, head_dim)
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def causal_attention(q, k, v, pos, impl):
+    """softmax(q k^T / sqrt(d) + causal mask) v, for queries at positions pos .. pos+T-1.
+
+    q: (B, n_head, T, head_dim); k, v: (B, n_kv_heads, pos+T, head_dim). With grouped-query
+    attention each key/value head serves n_head // n_kv_heads query heads.
+    """
+    T, S = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, n_head, S, head_dim)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    # query i (at position pos + i) sees keys 0 .. pos + i
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if impl == "sdpa":
+        if T == S:  # no cache prefix: the fused kernel builds the causal mask itself
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, S)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    return att @ v  # (B, n_head, T, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.head_dim, self.attn_impl = cfg.n_head, cfg.head_dim, cfg.attn_impl
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.wk(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, n_head, pos+T, head_dim)
+        y = causal_attention(q, k, v, pos, self.attn_impl)  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_embd)
+        return self.wo(y)
+
+
+# -----------------------------------------------------------------------------
+# MLP
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size)  # fc
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd)  # proj
+
+    def forward(self, x):
+        # GPT-2 used the tanh approximation of GELU (Hendrycks & Gimpel, 2016, sec. 2)
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+# -----------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cache, pos)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Transformer
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # GPT-2 paper sec. 2.3: scale residual projections by 1/sqrt(N) so the
+                # residual stream's variance does not grow with depth (2 per block)
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def check_input(self, idx, pos=0):
+        """Fail with a message a user can act on, instead of an index error deep inside torch."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}")
+        if pos + idx.size(1) > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
+                f"the model supports (block_size={self.cfg.block_size})"
+            )
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = idx.min().item(), idx.max().item()
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, idx, targets=None, *, cache=None, pos=0):
+        """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
+        self.check_input(idx, pos)
+        positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, n_embd)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache[i], pos)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def make_cache(self, batch_size, max_seq_len=None):
+        cfg, p = self.cfg, self.lm_head.weight
+        max_seq_len = max_seq_len or cfg.block_size
+        return [KVCache(batch_size, max_seq_len, cfg.n_head, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
+        if idx.size(1) + max_new_tokens > self.cfg.block_size:
+            raise ValueError(
+                f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds block_size={self.cfg.block_size}"
+            )
+        cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
+        logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
+        out = [idx]
+        for step in range(max_new_tokens):
+            next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+            out.append(next_id)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
+        return torch.cat(out, dim=1)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        # 6N for the matmuls (forward 2N + backward 4N) plus attention's q k^T and att v:
+        # 2 * 2 * n_layer * seq_len * n_head * head_dim forward, x3 with backward
+        # (Kaplan et al. 2020, table 1; PaLM appendix B).
+        cfg = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    # -------------------------------------------------------------------------
+    # Loading and saving Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a Hugging Face directory: config.json + model.safetensors (or sharded + index)."""
+        path = Path(path)
+        cfg = Config.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+        model = cls(cfg)
+        load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
+        return model
+
+    def save_pretrained(self, path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
+        save_file(ours_to_hf(self.state_dict(), self.cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def sample(logits, temperature, top_k, generator=None):
+    """logits: (B, vocab_size) -> next ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def read_safetensors_dir(path):
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def load_state_dict_strict(model, state):
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise KeyError(
+            "checkpoint does not match the model:"
+            + (f"\n  missing keys: {missing}" if missing else "")
+            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+    model.load_state_dict(state)
+
+
+# Hugging Face GPT-2 names -> ours. HF fuses q, k, v into `c_attn` and stores every Linear as a
+# Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
+HF_LAYER_NAMES = {
+    "attn_norm": "ln_1",
+    "attn.wo": "attn.c_proj",
+    "mlp_norm": "ln_2",
+    "mlp.w1": "mlp.c_fc",
+    "mlp.w2": "mlp.c_proj",
+}
+HF_TOP_NAMES = {"tok_emb": "wte", "pos_emb": "wpe", "norm": "ln_f"}
+
+
+def hf_to_ours(hf_state, cfg):
+    # checkpoints saved from GPT2Model have no "transformer." prefix; drop HF's mask buffers
+    hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    out = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        for p in ("weight", "bias"):
+            if f"{theirs}.{p}" in hf:
+                out[f"{ours}.{p}"] = hf.pop(f"{theirs}.{p}")
+    for i in range(cfg.n_layer):
+        a, b = f"layers.{i}.", f"h.{i}."
+        if b + "attn.c_attn.weight" in hf:
+            qkv_w = hf.pop(b + "attn.c_attn.weight").t()  # (3 * n_embd, n_embd)
+            qkv_b = hf.pop(b + "attn.c_attn.bias")
+            for name, w, bias in zip(("wq", "wk", "wv"), qkv_w.chunk(3), qkv_b.chunk(3)):
+                out[f"{a}attn.{name}.weight"], out[f"{a}attn.{name}.bias"] = w, bias
+        for ours, theirs in HF_LAYER_NAMES.items():
+            is_conv1d = "norm" not in ours
+            if b + theirs + ".weight" in hf:
+                w = hf.pop(b + theirs + ".weight")
+                out[a + ours + ".weight"] = w.t() if is_conv1d else w
+            if b + theirs + ".bias" in hf:
+                out[a + ours + ".bias"] = hf.pop(b + theirs + ".bias")
+    if "lm_head.weight" in hf:
+        lm_head = hf.pop("lm_head.weight")
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = lm_head
+    if cfg.tie_embeddings and "tok_emb.weight" in out:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
+    return out
+
+
+def ours_to_hf(state, cfg):
+    hf = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        for p in ("weight", "bias"):
+            if f"{ours}.{p}" in state:
+                hf[f"transformer.{theirs}.{p}"] = state[f"{ours}.{p}"]
+    for i in range(cfg.n_layer):
+        a, b = f"layers.{i}.", f"transformer.h.{i}."
+        hf[b + "attn.c_attn.weight"] = torch.cat([state[f"{a}attn.{n}.weight"] for n in ("wq", "wk", "wv")]).t()
+        hf[b + "attn.c_attn.bias"] = torch.cat([state[f"{a}attn.{n}.bias"] for n in ("wq", "wk", "wv")])
+        for ours, theirs in HF_LAYER_NAMES.items():
+            w = state[a + ours + ".weight"]
+            hf[b + theirs + ".weight"] = w if "norm" in ours else w.t()
+            hf[b + theirs + ".bias"] = state[a + ours + ".bias"]
+    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to wte on load
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.detach().contiguous() for k, v in hf.items()}
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":  # smoke check: python gpt2/model.py
+    torch.manual_seed(0)
+    model = Transformer(Config.tiny())
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    logits, loss = model(idx, idx)
+    print(f"tiny GPT-2: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+          f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})")
+    print("generated ids:", model.generate(idx[:1, :4], 8, temperature=0).tolist())

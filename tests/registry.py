@@ -1,0 +1,48 @@
+"""The models under test. Every test family is parametrized over MODELS, so a new model (or
+variant) gets the whole suite by adding one entry here."""
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # test id
+    package: str  # folder holding model.py and train.py
+    small: dict  # Config overrides for a tiny random model (properties, cache, training)
+    hf_class: str  # the transformers oracle, e.g. "GPT2LMHeadModel"
+    hf_config: dict = field(default_factory=dict)  # transformers config kwargs: odd sizes for parity
+    parity_seq_len: int = 24  # long enough to exercise what the config scales (e.g. RoPE)
+    presets: dict = field(default_factory=dict)  # preset -> published parameter count
+    preset_rel_tol: float = 0.005  # published counts are rounded
+
+    @property
+    def model(self):
+        return importlib.import_module(f"{self.package}.model")
+
+    def config(self, **overrides):
+        return self.model.Config(**{**self.small, **overrides})
+
+    def build(self, seed=0, **overrides):
+        import torch
+
+        torch.manual_seed(seed)
+        return self.model.Transformer(self.config(**overrides))
+
+
+MODELS = [
+    ModelSpec(
+        name="gpt2",
+        package="gpt2",
+        small=dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=80),
+        hf_class="GPT2LMHeadModel",
+        hf_config=dict(vocab_size=101, n_positions=48, n_embd=36, n_layer=3, n_head=6, n_inner=52,
+                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
+        presets={"gpt2": 124_439_808, "gpt2_medium": 354_823_168, "gpt2_large": 774_030_080, "gpt2_xl": 1_557_611_200},
+        preset_rel_tol=0.0,
+    ),
+]
+
+
+def by_name(name):
+    return next(m for m in MODELS if m.name == name)
