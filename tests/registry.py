@@ -41,6 +41,25 @@ MODELS = [
         presets={"gpt2": 124_439_808, "gpt2_medium": 354_823_168, "gpt2_large": 774_030_080, "gpt2_xl": 1_557_611_200},
         preset_rel_tol=0.0,
     ),
+    ModelSpec(
+        name="llama31",
+        package="llama31",
+        small=dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_heads=2, n_embd=32, intermediate_size=80,
+                   rope_original_block_size=16),
+        hf_class="LlamaForCausalLM",
+        # head_dim 16 with theta 10,000 and an original context of 32 puts RoPE frequencies in all three
+        # Llama 3.1 bands (kept, blended, divided by factor); 48 positions run past the original context
+        hf_config=dict(vocab_size=101, max_position_embeddings=64, hidden_size=96, num_hidden_layers=3,
+                       num_attention_heads=6, num_key_value_heads=2, intermediate_size=52, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, rope_theta=10000.0,
+                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=32),
+                       bos_token_id=0, eos_token_id=0),
+        parity_seq_len=48,
+        presets={"llama31_8b": 8_030_261_248, "llama31_70b": 70_553_706_496, "llama31_405b": 405_853_388_800,
+                 "llama32_1b": 1_235_814_400, "llama32_3b": 3_212_749_824},
+        preset_rel_tol=0.0,
+    ),
 ]
 
 

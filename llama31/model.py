@@ -1,0 +1,557 @@
+"""LLaMA 3.1: the decoder of "The Llama 3 Herd of Models" (Grattafiori et al., 2024), which is
+LLaMA (Touvron et al., 2023) with grouped-query attention at every size, a 128K-token vocabulary
+and RoPE frequencies rescaled for a 128K context. Llama 3.2 1B and 3B (pruned and distilled from
+3.1) are the same architecture with tied embeddings.
+
+Checked against Hugging Face `transformers.LlamaForCausalLM` (tests/test_parity.py): logits
+agree to 1e-4 in fp32, and checkpoints load both ways.
+
+Changes from gpt2/model.py:
+- RMSNorm (Zhang & Sennrich, 2019) instead of LayerNorm, and no biases anywhere;
+- rotary position embeddings (Su et al., 2021) with Llama 3.1's frequency scaling instead of
+  learned positions (`precompute_rope`, `apply_rope`);
+- grouped-query attention (Ainslie et al., 2023): n_kv_heads < n_head, so the KV cache shrinks;
+- SwiGLU MLP (Shazeer, 2020) with three matrices, sized by `ffn_hidden_size`;
+- untied embeddings for 3.1 8B/70B/405B; Hugging Face names with separate q/k/v projections.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def ffn_hidden_size(n_embd, multiple_of, ffn_dim_multiplier=None):
+    # LLaMA's SwiGLU width: 2/3 of 4 * n_embd keeps a 4x MLP's parameter count with three matrices
+    # instead of two (Shazeer, 2020, sec. 2); Llama 3 scales that and rounds up to multiple_of
+    hidden = int(2 * 4 * n_embd / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class Config:
+    vocab_size: int = 128256  # Llama 3 tiktoken BPE: 128,000 tokens + 256 reserved special tokens
+    block_size: int = 131072  # longest sequence: the 128K context of Llama 3.1
+    n_layer: int = 32  # transformer blocks
+    n_head: int = 32  # query heads
+    n_kv_heads: int = 8  # key/value heads, each shared by n_head // n_kv_heads query heads
+    n_embd: int = 4096  # residual stream width
+    intermediate_size: int = 14336  # SwiGLU hidden width, from ffn_hidden_size
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # lm_head shares the token-embedding matrix (Llama 3.2 1B/3B)
+    rope_theta: float = 500000.0  # RoPE base, raised from LLaMA's 10,000 (herd paper sec. 3.2)
+    rope_factor: float | None = 8.0  # Llama 3.1 RoPE scaling: low frequencies slowed by this; None = off
+    rope_low_freq_factor: float = 1.0  # wavelengths > rope_original_block_size / this: fully scaled
+    rope_high_freq_factor: float = 4.0  # wavelengths < rope_original_block_size / this: unchanged
+    rope_original_block_size: int = 8192  # the pre-training context, before long-context training
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, the reference)
+    init_std: float = 0.02  # std of the normal initialisation
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "intermediate_size",
+                     "rope_original_block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"Config.n_embd ({self.n_embd}) must be divisible by Config.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_heads != 0:
+            raise ValueError(f"Config.n_head ({self.n_head}) must be divisible by Config.n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim = Config.n_embd // Config.n_head ({self.head_dim}) must be even for RoPE")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ValueError(f"Config.attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"Config.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rope_factor is not None and not self.rope_factor > 0:
+            raise ValueError(f"Config.rope_factor must be > 0 or None (no scaling), got {self.rope_factor!r}")
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"Config.rope_low_freq_factor ({self.rope_low_freq_factor}) must be > 0 and below "
+                             f"Config.rope_high_freq_factor ({self.rope_high_freq_factor})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    # --- presets: looked up by exact name, never fuzzy-matched ---
+
+    @classmethod
+    def tiny(cls):  # the CPU default: gpt2's tiny with the GPT-2 vocabulary padded to a multiple of 64
+        return cls(vocab_size=50304, block_size=256, n_layer=4, n_head=4, n_kv_heads=2, n_embd=128,
+                   intermediate_size=ffn_hidden_size(128, multiple_of=32), tie_embeddings=True)
+
+    # ffn_dim_multiplier and multiple_of as in Meta's params.json for each model
+    @classmethod
+    def llama31_8b(cls):  # 8.03B
+        return cls(n_layer=32, n_head=32, n_kv_heads=8, n_embd=4096, intermediate_size=ffn_hidden_size(4096, 1024, 1.3))
+
+    @classmethod
+    def llama31_70b(cls):  # 70.6B
+        return cls(n_layer=80, n_head=64, n_kv_heads=8, n_embd=8192, intermediate_size=ffn_hidden_size(8192, 4096, 1.3))
+
+    @classmethod
+    def llama31_405b(cls):  # 405.9B
+        return cls(n_layer=126, n_head=128, n_kv_heads=8, n_embd=16384,
+                   intermediate_size=ffn_hidden_size(16384, 4096, 1.2))
+
+    @classmethod
+    def llama32_1b(cls):  # 1.24B; Llama 3.2 stretches RoPE 32x instead of 8x
+        return cls(n_layer=16, n_head=32, n_kv_heads=8, n_embd=2048, intermediate_size=ffn_hidden_size(2048, 256, 1.5),
+                   tie_embeddings=True, rope_factor=32.0)
+
+    @classmethod
+    def llama32_3b(cls):  # 3.21B
+        return cls(n_layer=28, n_head=24, n_kv_heads=8, n_embd=3072, intermediate_size=ffn_hidden_size(3072, 256, 1.0),
+                   tie_embeddings=True, rope_factor=32.0)
+
+    PRESETS = ("tiny", "llama31_8b", "llama31_70b", "llama31_405b", "llama32_1b", "llama32_3b")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**{**asdict(getattr(cls, name)()), **overrides})
+
+    # --- Hugging Face config.json ---
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides):
+        # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, including
+        # Meta's published ones, write rope_theta beside a rope_scaling dict
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"config.json rope_type {rope_type!r} is not supported; Llama 3 uses 'llama3' or 'default'")
+        scaling = dict(rope_factor=None)
+        if rope_type == "llama3":
+            scaling = dict(
+                rope_factor=rope["factor"],
+                rope_low_freq_factor=rope["low_freq_factor"],
+                rope_high_freq_factor=rope["high_freq_factor"],
+                rope_original_block_size=rope.get("original_max_position_embeddings", hf["max_position_embeddings"]),
+            )
+        return cls(
+            vocab_size=hf["vocab_size"],
+            block_size=hf["max_position_embeddings"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            **scaling,
+            **overrides,
+        )
+
+    def to_hf(self) -> dict:
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_factor is not None:
+            rope.update(rope_type="llama3", factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                        high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_block_size)
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.block_size,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_heads,
+            "hidden_size": self.n_embd,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "initializer_range": self.init_std,
+            "rope_parameters": rope,  # the transformers >= 5 spelling
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm
+
+
+class RMSNorm(nn.Module):
+    # LayerNorm without the mean subtraction and the bias (Zhang & Sennrich, 2019): x / RMS(x) * g
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the gain, as Hugging Face does, so bf16 matches
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding (RoFormer, Su et al., 2021)
+
+
+def precompute_rope(cfg: Config):
+    """cos and sin of the rotation angle m * theta_i for every position m < block_size."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (head_dim/2,) eq. 15
+    if cfg.rope_factor is not None:
+        # Llama 3.1 (Meta's llama-models, apply_scaling): frequencies whose wavelength exceeds the
+        # original context / low_freq_factor are divided by rope_factor (position interpolation,
+        # Chen et al., 2023), those shorter than context / high_freq_factor are kept, and between the
+        # two the result blends linearly in (turns per original context) = context / wavelength
+        turns = cfg.rope_original_block_size / (2 * math.pi / inv_freq)  # (head_dim/2,)
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = ((turns - lo) / (hi - lo)).clamp(0, 1)  # 0: fully scaled ... 1: unchanged
+        inv_freq = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim): dim i pairs with i + head_dim/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin, pos):
+    """Rotate x: (B, n_heads, T, head_dim) at positions pos .. pos+T-1 by RoFormer eq. 34,
+    x * cos + rotate_half(x) * sin, pairing dim i with i + head_dim/2 rather than the paper's
+    neighbours 2i, 2i+1: the layout of Hugging Face's Llama weights, so they load unpermuted."""
+    T = x.size(2)
+    cos, sin = cos[pos : pos + T].to(x.dtype), sin[pos : pos + T].to(x.dtype)  # (T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, n_heads, T, head_dim/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# KV cache: allocated only for generation, written at `pos`
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        # k, v: (B, n_kv_heads, T, head_dim) for positions pos .. pos+T-1
+        T = k.size(2)
+        if pos + T > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write {T} at pos={pos}")
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # (B, n_kv_heads, pos+T, head_dim)
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def causal_attention(q, k, v, pos, impl):
+    """softmax(q k^T / sqrt(d) + causal mask) v, for queries at positions pos .. pos+T-1.
+
+    q: (B, n_head, T, head_dim); k, v: (B, n_kv_heads, pos+T, head_dim). With grouped-query
+    attention each key/value head serves n_head // n_kv_heads query heads.
+    """
+    T, S = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, n_head, S, head_dim)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    # query i (at position pos + i) sees keys 0 .. pos + i
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if impl == "sdpa":
+        if T == S:  # no cache prefix: the fused kernel builds the causal mask itself
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, S)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    return att @ v  # (B, n_head, T, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim, self.attn_impl = cfg.n_head, cfg.n_kv_heads, cfg.head_dim, cfg.attn_impl
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)  # rotate before caching
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, n_kv_heads, pos+T, head_dim)
+        y = causal_attention(q, k, v, pos, self.attn_impl)  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_embd)
+        return self.wo(y)
+
+
+# -----------------------------------------------------------------------------
+# MLP
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)  # down
+        self.w3 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)  # up
+
+    def forward(self, x):
+        # SwiGLU (Shazeer, 2020, eq. 6): a SiLU-activated gate times a linear "up" projection
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# -----------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Transformer
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = precompute_rope(cfg)  # (block_size, head_dim) each; rebuilt from cfg, never saved
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # GPT-2 paper sec. 2.3: scale residual projections by 1/sqrt(N) so the
+                # residual stream's variance does not grow with depth (2 per block)
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def check_input(self, idx, pos=0):
+        """Fail with a message a user can act on, instead of an index error deep inside torch."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}")
+        if pos + idx.size(1) > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
+                f"the model supports (block_size={self.cfg.block_size})"
+            )
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = idx.min().item(), idx.max().item()
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, idx, targets=None, *, cache=None, pos=0):
+        """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
+        self.check_input(idx, pos)
+        x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope_cos, self.rope_sin, None if cache is None else cache[i], pos)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def make_cache(self, batch_size, max_seq_len=None):
+        cfg, p = self.cfg, self.lm_head.weight
+        max_seq_len = max_seq_len or cfg.block_size
+        return [KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
+        if idx.size(1) + max_new_tokens > self.cfg.block_size:
+            raise ValueError(
+                f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds block_size={self.cfg.block_size}"
+            )
+        cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
+        logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
+        out = [idx]
+        for step in range(max_new_tokens):
+            next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+            out.append(next_id)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
+        return torch.cat(out, dim=1)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        if non_embedding:
+            # the embedding lookup does no matmul; an untied lm_head does, so it stays counted
+            # (the convention of torchtitan's FLOP count; tied, the one matrix is the embedding)
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        # 6N for the matmuls (forward 2N + backward 4N) plus attention's q k^T and att v:
+        # 2 * 2 * n_layer * seq_len * n_head * head_dim forward, x3 with backward
+        # (Kaplan et al. 2020, table 1; PaLM appendix B).
+        cfg = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    # -------------------------------------------------------------------------
+    # Loading and saving Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a Hugging Face directory: config.json + model.safetensors (or sharded + index)."""
+        path = Path(path)
+        cfg = Config.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+        model = cls(cfg)
+        load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
+        return model
+
+    def save_pretrained(self, path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
+        save_file(ours_to_hf(self.state_dict(), self.cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def sample(logits, temperature, top_k, generator=None):
+    """logits: (B, vocab_size) -> next ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def read_safetensors_dir(path):
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def load_state_dict_strict(model, state):
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise KeyError(
+            "checkpoint does not match the model:"
+            + (f"\n  missing keys: {missing}" if missing else "")
+            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+    model.load_state_dict(state)
+
+
+# Hugging Face Llama names -> ours (each with a ".weight"). HF's converter already permuted Meta's
+# q/k rows into the rotate-half layout of apply_rope, so every tensor copies across unchanged.
+HF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn.wq": "self_attn.q_proj",
+    "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.w1": "mlp.gate_proj",
+    "mlp.w2": "mlp.down_proj",
+    "mlp.w3": "mlp.up_proj",
+}
+HF_TOP_NAMES = {"tok_emb": "embed_tokens", "norm": "norm"}
+
+
+def hf_to_ours(hf_state, cfg):
+    # checkpoints saved from LlamaModel have no "model." prefix; drop RoPE tables (ours come from cfg)
+    hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    out = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        if f"{theirs}.weight" in hf:
+            out[f"{ours}.weight"] = hf.pop(f"{theirs}.weight")
+    for i in range(cfg.n_layer):
+        for ours, theirs in HF_LAYER_NAMES.items():
+            if f"layers.{i}.{theirs}.weight" in hf:
+                out[f"layers.{i}.{ours}.weight"] = hf.pop(f"layers.{i}.{theirs}.weight")
+    if "lm_head.weight" in hf:
+        lm_head = hf.pop("lm_head.weight")
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = lm_head
+    if cfg.tie_embeddings and "tok_emb.weight" in out:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
+    return out
+
+
+def ours_to_hf(state, cfg):
+    hf = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        hf[f"model.{theirs}.weight"] = state[f"{ours}.weight"]
+    for i in range(cfg.n_layer):
+        a, b = f"layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in HF_LAYER_NAMES.items():
+            hf[b + theirs + ".weight"] = state[a + ours + ".weight"]
+    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to embed_tokens on load
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.detach().contiguous() for k, v in hf.items()}
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":  # smoke check: python llama31/model.py
+    torch.manual_seed(0)
+    model = Transformer(Config.tiny())
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    logits, loss = model(idx, idx)
+    print(f"tiny Llama 3.1: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+          f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})")
+    print("generated ids:", model.generate(idx[:1, :4], 8, temperature=0).tolist())

@@ -1,0 +1,337 @@
+"""Token shards on disk and the loader that batches them for training.
+
+Shard format (modded-nanogpt's `.bin`, so its cached fineweb-10B shards load as they are):
+a header of 256 little-endian int32 -- [0] magic 20240520, [1] version, [2] token count --
+then the tokens. Version 1 stores uint16 (vocabularies up to 65,536, e.g. GPT-2); version 2,
+our extension, stores uint32 for larger ones (Llama 3's 128K, Qwen3's 151K).
+
+    python -m shared.data prepare --input book.txt --out data/book   # text -> shards
+    python -m shared.data fineweb --shards 8                         # download fineweb-10B
+
+`DataLoader` memory-maps the shards and yields (x, y) batches strided across DDP ranks, with
+`state_dict()` for exact resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.tokenizer import ENDOFTEXT, Tokenizer, gpt2_tokenizer, load_tokenizer
+
+MAGIC = 20240520
+HEADER_INTS = 256
+VERSION_UINT16 = 1
+VERSION_UINT32 = 2
+DTYPES = {VERSION_UINT16: np.dtype("<u2"), VERSION_UINT32: np.dtype("<u4")}
+HEADER_BYTES = HEADER_INTS * np.dtype("<i4").itemsize
+SHAKESPEARE = Path(__file__).parent / "assets" / "shakespeare.txt"
+FINEWEB_REPO = "kjj0/fineweb10B-gpt2"
+FINEWEB_TRAIN_SHARDS = 103  # the repo's train shards, ~100M tokens each
+PROGRESS_CHARS = 1 << 26  # prepare() reports progress every 64M characters of text
+
+
+class DataError(ValueError):
+    """A shard, data directory or corpus that cannot be used; the message names the file."""
+
+
+# --- shard files ---------------------------------------------------------------------------
+
+
+def shard_version(path: Path, tokens: np.ndarray, dtype) -> int:
+    """The header version for `tokens`: uint16 when every id fits, unless `dtype` says otherwise."""
+    if tokens.size and tokens.dtype.kind not in "iu":
+        raise DataError(f"{path}: token ids must be integers, not {tokens.dtype}")
+    if dtype is None:
+        fits_uint16 = tokens.size == 0 or tokens.max() <= np.iinfo("<u2").max
+        return VERSION_UINT16 if fits_uint16 else VERSION_UINT32
+    version = next((v for v, d in DTYPES.items() if d == np.dtype(dtype).newbyteorder("<")), None)
+    if version is None:
+        raise DataError(f"{path}: token dtype must be uint16 or uint32, not {np.dtype(dtype)}")
+    return version
+
+
+def write_shard(path: str | Path, tokens, dtype=None) -> None:
+    """Write tokens as one shard, atomically: readers see the old file or the whole new one."""
+    path, tokens = Path(path), np.asarray(tokens)
+    version = shard_version(path, tokens, dtype)
+    limit = np.iinfo(DTYPES[version]).max
+    if tokens.size and (tokens.min() < 0 or tokens.max() > limit):
+        raise DataError(f"{path}: token ids {tokens.min()}..{tokens.max()} do not fit 0..{limit}")
+    if tokens.size > np.iinfo("<i4").max:
+        raise DataError(f"{path}: {tokens.size} tokens overflow the header's int32 count")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, version, tokens.size
+    body = np.ascontiguousarray(tokens, dtype=DTYPES[version])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temp name in the same directory (same filesystem, so os.replace is atomic) lets
+    # several processes write the same shard at once; the last rename wins with equal content.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.tobytes())
+            f.write(body.data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_header(path: str | Path) -> tuple[int, int]:
+    """Validate a shard's header and size; return (version, token count)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_BYTES:
+                raise DataError(f"{path}: truncated: {size} bytes, less than the {HEADER_BYTES}-byte header")
+            magic, version, count = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")[:3].tolist()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from e
+    if magic != MAGIC:
+        raise DataError(f"{path}: bad magic {magic} (expected {MAGIC}); not a token shard")
+    if version not in DTYPES:
+        raise DataError(f"{path}: unsupported version {version} (1 = uint16 tokens, 2 = uint32 tokens)")
+    held = (size - HEADER_BYTES) // DTYPES[version].itemsize
+    if held < count:
+        raise DataError(f"{path}: truncated: header says {count} tokens, file holds {held}")
+    if size != HEADER_BYTES + count * DTYPES[version].itemsize:
+        raise DataError(f"{path}: header says {count} tokens, but the file has {size} bytes")
+    return version, count
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The shard's tokens as a read-only memory map (nothing is copied into RAM)."""
+    version, count = read_header(path)
+    if count == 0:  # mmap cannot map zero bytes
+        return np.empty(0, dtype=DTYPES[version])
+    return np.memmap(path, dtype=DTYPES[version], mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
+    data_dir = Path(data_dir)
+    pattern = f"*_{split}_*.bin"
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found (looked for shards {pattern} in it)")
+    paths = sorted(data_dir.glob(pattern))
+    if not paths:
+        present = sorted(p.name for p in data_dir.glob("*.bin")) or ["no .bin files"]
+        raise DataError(f"{data_dir}: no shards matching {pattern}; found: {', '.join(present)}")
+    return paths
+
+
+# --- text -> shards ------------------------------------------------------------------------
+
+
+def read_documents(path: Path) -> list[str]:
+    """The text's documents, split on the literal "<|endoftext|>"; empty ones dropped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return [doc for doc in text.split(ENDOFTEXT) if doc]
+
+
+def tokenize_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
+    # Every document is preceded by eot, as in the fineweb shards, so a sequence starting at
+    # a document's eot conditions on "start of document".
+    chunks, n_tokens, chars = [], 0, 0
+    for doc in read_documents(path):
+        chunks.append(np.array([tokenizer.eot_id, *tokenizer.encode(doc)], dtype=np.uint32))
+        n_tokens += len(chunks[-1])
+        chars += len(doc)
+        if chars >= PROGRESS_CHARS:  # only big files get here
+            print(f"{path}: {n_tokens:,} tokens so far", file=sys.stderr)
+            chars = 0
+    return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint32)
+
+
+def prepare(
+    input_path: str | Path,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    name: str | None = None,
+    val_fraction: float = 0.1,
+    shard_tokens: int = 100_000_000,
+) -> Path:
+    """Tokenize a text file into {name}_train_000000.bin, ... and {name}_val_000000.bin.
+
+    The validation split is the last `val_fraction` of the tokens, so the text and its token
+    stream (4 bytes a token) are held in memory; fine up to a few GB of text.
+    """
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    tokenizer = tokenizer or gpt2_tokenizer()
+    name = name or input_path.stem
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"{input_path}: val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise DataError(f"{input_path}: shard_tokens must be positive, got {shard_tokens}")
+    if not input_path.is_file():
+        raise DataError(f"{input_path}: input text file not found")
+    tokens = tokenize_file(input_path, tokenizer)
+    n_val = round(len(tokens) * val_fraction)
+    if len(tokens) - n_val < 1 or (val_fraction > 0 and n_val < 1):
+        raise DataError(f"{input_path}: {len(tokens)} tokens, too few for val_fraction={val_fraction}")
+    # One dtype for the whole dataset, from the vocabulary rather than from each shard's ids.
+    dtype = DTYPES[VERSION_UINT16 if tokenizer.vocab_size <= 1 << 16 else VERSION_UINT32]
+    n_train = len(tokens) - n_val
+    shards = {
+        f"{name}_train_{i:06d}.bin": tokens[start : min(start + shard_tokens, n_train)]
+        for i, start in enumerate(range(0, n_train, shard_tokens))
+    }
+    if n_val:
+        shards[f"{name}_val_000000.bin"] = tokens[n_train:]
+    for file, part in shards.items():
+        write_shard(out_dir / file, part, dtype=dtype)
+        print(f"wrote {out_dir / file}: {len(part):,} tokens", file=sys.stderr)
+    return out_dir
+
+
+def default_corpus(root: str | Path = "data") -> Path:
+    """The bundled Shakespeare as shards in root/shakespeare, prepared on first use.
+
+    Ranks launched together may all prepare it at once; atomic writes make that harmless.
+    """
+    out_dir = Path(root) / "shakespeare"
+    if not all((out_dir / f"shakespeare_{s}_000000.bin").exists() for s in ("train", "val")):
+        prepare(SHAKESPEARE, out_dir, name="shakespeare")
+    return out_dir
+
+
+# --- fineweb-10B ---------------------------------------------------------------------------
+
+
+def download_fineweb(
+    num_shards: int, out_dir: str | Path = "data/fineweb10B", download: Callable | None = None
+) -> Path:
+    """Fetch modded-nanogpt's GPT-2-tokenized fineweb-10B: the val shard and `num_shards` train
+    shards of ~100M tokens. Files already present are kept; every file's header is checked."""
+    if not 1 <= num_shards <= FINEWEB_TRAIN_SHARDS:
+        raise DataError(f"{FINEWEB_REPO}: num_shards must be 1..{FINEWEB_TRAIN_SHARDS}, got {num_shards}")
+    if download is None:  # imported here so the rest of the module works without hub access
+        from huggingface_hub import hf_hub_download as download
+    out_dir = Path(out_dir)
+    names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_shards + 1)]
+    for name in names:
+        if not (out_dir / name).exists():
+            print(f"downloading {FINEWEB_REPO}/{name} -> {out_dir}", file=sys.stderr)
+            download(repo_id=FINEWEB_REPO, filename=name, repo_type="dataset", local_dir=out_dir)
+        read_header(out_dir / name)
+    return out_dir
+
+
+# --- loader --------------------------------------------------------------------------------
+
+
+class DataLoader:
+    """(x, y) batches of shape (batch_size, seq_len) from the shards of one split.
+
+    Rank r of world_size reads C + 1 tokens at p + r*C (C = batch_size * seq_len), then every
+    rank advances p by world_size * C. The ranks' reads are disjoint and, in rank order, tile
+    the stream; within a shard one rank taking world_size micro-batches reads exactly what
+    world_size ranks read in one step. A shard's last < world_size*C tokens are skipped; after
+    the last shard the loader starts the first again (a new epoch).
+    """
+
+    def __init__(
+        self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
+        rank: int = 0, world_size: int = 1,
+    ):
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"{data_dir}: batch_size {batch_size} and seq_len {seq_len} must be positive")
+        if not 0 <= rank < world_size:
+            raise DataError(f"{data_dir}: rank {rank} outside world_size {world_size}")
+        self.paths = shard_paths(data_dir, split)
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        # Headers are checked up front, so a bad shard fails now rather than hours into a run.
+        need = world_size * batch_size * seq_len + 1
+        for path in self.paths:
+            if (count := read_header(path)[1]) < need:
+                raise DataError(
+                    f"{path}: too short: {count} tokens, but one step needs world_size*batch_size*seq_len"
+                    f" + 1 = {world_size}*{batch_size}*{seq_len}+1 = {need}"
+                )
+        self._mapped: tuple[int, np.ndarray] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.shard, self.pos = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"shard": self.shard, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        shard, pos = int(state["shard"]), int(state["pos"])
+        if not (0 <= shard < len(self.paths) and pos >= 0):
+            where = self.paths[0].parent
+            raise DataError(f"{where}: loader state {state} does not fit its {len(self.paths)} shards")
+        self.shard, self.pos = shard, pos
+
+    def _tokens(self) -> np.ndarray:
+        # Only the current shard stays mapped, so a long run holds one file open, not 100.
+        if self._mapped is None or self._mapped[0] != self.shard:
+            self._mapped = (self.shard, read_shard(self.paths[self.shard]))
+        return self._mapped[1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        C = B * T
+        if self.pos + self.world_size * C + 1 > len(self._tokens()):
+            self.shard, self.pos = (self.shard + 1) % len(self.paths), 0
+        start = self.pos + self.rank * C
+        buf = torch.from_numpy(self._tokens()[start : start + C + 1].astype(np.int64))  # (C+1,)
+        self.pos += self.world_size * C
+        return buf[:-1].view(B, T), buf[1:].view(B, T)  # y is x shifted left by one token
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.data",
+        description="Make token shards (modded-nanogpt .bin format) for shared.data.DataLoader.",
+        epilog="examples:\n  python -m shared.data prepare --input book.txt --out data/book\n"
+        "  python -m shared.data fineweb --shards 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    about = "tokenize a text file into {name}_train_*.bin and {name}_val_000000.bin"
+    p = commands.add_parser("prepare", help=about, description=f"{about}; every document starts with eot.")
+    p.add_argument("--input", required=True, type=Path, help="UTF-8 text; <|endoftext|> separates docs")
+    p.add_argument("--out", required=True, type=Path, help="directory for the .bin shards")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val (0.1)")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer.json (or its directory)")
+    p.add_argument("--name", help="shard name prefix (default: the input file's stem)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per train shard (1e8)")
+    about = f"download GPT-2-tokenized fineweb-10B shards from the Hugging Face dataset {FINEWEB_REPO}"
+    f = commands.add_parser("fineweb", help=about, description=f"{about}; files already present are kept.")
+    shards_help = f"number of ~100M-token train shards: 1..{FINEWEB_TRAIN_SHARDS}"
+    f.add_argument("--shards", required=True, type=int, help=shards_help)
+    f.add_argument("--out", type=Path, default=Path("data/fineweb10B"), help="directory (data/fineweb10B)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            tokenizer = load_tokenizer(args.tokenizer)
+            prepare(args.input, args.out, tokenizer, args.name, args.val_fraction, args.shard_tokens)
+        else:
+            download_fineweb(args.shards, args.out)
+    except (ValueError, OSError) as e:  # DataError, unknown tokenizer, download failure
+        parser.exit(1, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""shared.data: the shard format, text -> shards, the fineweb downloader and the DataLoader."""
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.data import (
+    HEADER_BYTES,
+    HEADER_INTS,
+    MAGIC,
+    VERSION_UINT16,
+    VERSION_UINT32,
+    DataError,
+    DataLoader,
+    default_corpus,
+    download_fineweb,
+    main,
+    prepare,
+    read_header,
+    read_shard,
+    write_shard,
+)
+from shared.tokenizer import ENDOFTEXT, gpt2_tokenizer
+
+
+def make_shards(data_dir, lengths, split="train"):
+    """Shards whose tokens are their global positions (0, 1, 2, ...), so a batch shows where it
+    was read from. Returns the concatenated stream."""
+    stream = np.arange(sum(lengths))
+    for i, start in enumerate(np.cumsum([0, *lengths[:-1]])):
+        write_shard(Path(data_dir) / f"t_{split}_{i:06d}.bin", stream[start : start + lengths[i]])
+    return stream
+
+
+# --- shard files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "top, version", [(65_535, VERSION_UINT16), (65_536, VERSION_UINT32), (151_935, VERSION_UINT32)]
+)
+def test_write_read_round_trip(tmp_path, top, version):
+    tokens = np.array([0, 1, top, 7, top - 1])
+    write_shard(tmp_path / "s.bin", tokens)
+    assert read_header(tmp_path / "s.bin") == (version, len(tokens))
+    read = read_shard(tmp_path / "s.bin")
+    assert isinstance(read, np.memmap) and not read.flags.writeable
+    np.testing.assert_array_equal(read, tokens)
+    header = np.fromfile(tmp_path / "s.bin", dtype="<i4", count=HEADER_INTS)
+    assert header[:3].tolist() == [MAGIC, version, len(tokens)] and not header[3:].any()
+    assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
+
+
+def test_write_dtype_override_and_bad_ids(tmp_path):
+    write_shard(tmp_path / "s.bin", [1, 2, 3], dtype=np.uint32)
+    assert read_header(tmp_path / "s.bin") == (VERSION_UINT32, 3)
+    write_shard(tmp_path / "empty.bin", [])
+    assert len(read_shard(tmp_path / "empty.bin")) == 0
+    with pytest.raises(DataError, match=r"s\.bin: token ids 0\.\.70000 do not fit 0\.\.65535"):
+        write_shard(tmp_path / "s.bin", [0, 70_000], dtype=np.uint16)
+    with pytest.raises(DataError, match="must be uint16 or uint32, not int64"):
+        write_shard(tmp_path / "s.bin", [1], dtype=np.int64)
+    with pytest.raises(DataError, match="do not fit"):
+        write_shard(tmp_path / "s.bin", [-1])
+    with pytest.raises(DataError, match="must be integers"):
+        write_shard(tmp_path / "s.bin", [1.5])
+    assert read_header(tmp_path / "s.bin") == (VERSION_UINT32, 3)  # failed writes left it alone
+
+
+def corrupt(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_bad_shards(tmp_path):
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(100))
+    corrupt(path, 0, np.int32(1234).tobytes())
+    with pytest.raises(DataError, match=r"s\.bin: bad magic 1234 \(expected 20240520\)"):
+        read_shard(path)
+    write_shard(path, np.arange(100))
+    corrupt(path, 4, np.int32(3).tobytes())
+    with pytest.raises(DataError, match=r"s\.bin: unsupported version 3"):
+        read_shard(path)
+    write_shard(path, np.arange(100))
+    with open(path, "r+b") as f:
+        f.truncate(HEADER_BYTES + 150)
+    with pytest.raises(DataError, match=r"s\.bin: truncated: header says 100 tokens, file holds 75"):
+        read_shard(path)
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(DataError, match=r"truncated: 10 bytes, less than the 1024-byte header"):
+        read_shard(path)
+    write_shard(path, np.arange(100))
+    with open(path, "ab") as f:
+        f.write(b"xx")
+    with pytest.raises(DataError, match="header says 100 tokens, but the file has 1226 bytes"):
+        read_shard(path)
+    with pytest.raises(DataError, match=r"missing\.bin: cannot read shard"):
+        read_shard(tmp_path / "missing.bin")
+
+
+# --- text -> shards ------------------------------------------------------------------------
+
+DOCS = ["First document.\n", "Second, with  spaces\nand lines.", "Third: ünïcödé ✓"]
+
+
+def test_prepare_splits_and_marks_documents(tmp_path):
+    text = ENDOFTEXT + ENDOFTEXT.join(DOCS) + ENDOFTEXT  # empty documents at both ends
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    tok = gpt2_tokenizer()
+    out = prepare(tmp_path / "corpus.txt", tmp_path / "out", val_fraction=0.25, shard_tokens=8)
+    train = sorted(out.glob("corpus_train_*.bin"))
+    assert [p.name for p in train[:2]] == ["corpus_train_000000.bin", "corpus_train_000001.bin"]
+    assert all(len(read_shard(p)) == 8 for p in train[:-1])
+    stream = np.concatenate([read_shard(p) for p in [*train, out / "corpus_val_000000.bin"]])
+    expected = np.concatenate([[tok.eot_id, *tok.encode(doc)] for doc in DOCS])
+    np.testing.assert_array_equal(stream, expected)
+    assert len(read_shard(out / "corpus_val_000000.bin")) == round(0.25 * len(expected))
+    assert tok.decode(stream) == ENDOFTEXT + ENDOFTEXT.join(DOCS)
+
+
+def test_prepare_bad_input(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.txt: input text file not found"):
+        prepare(tmp_path / "nope.txt", tmp_path)
+    (tmp_path / "tiny.txt").write_text("a")
+    with pytest.raises(DataError, match=r"tiny\.txt: 2 tokens, too few for val_fraction=0.1"):
+        prepare(tmp_path / "tiny.txt", tmp_path, val_fraction=0.1)
+    with pytest.raises(DataError, match=r"val_fraction must be in \[0, 1\)"):
+        prepare(tmp_path / "tiny.txt", tmp_path, val_fraction=1.0)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text"):
+        prepare(tmp_path / "latin1.txt", tmp_path)
+
+
+def test_default_corpus_concurrent_and_cached(tmp_path):
+    # Two "ranks" preparing at once must each end with complete, valid shards.
+    with ThreadPoolExecutor(2) as pool:
+        out, _ = pool.map(default_corpus, [tmp_path, tmp_path])  # re-raises a thread's error
+    assert out == tmp_path / "shakespeare"
+    train, val = (read_shard(out / f"shakespeare_{split}_000000.bin") for split in ("train", "val"))
+    assert train[0] == gpt2_tokenizer().eot_id and len(val) == round(0.1 * (len(train) + len(val)))
+    stamp = (out / "shakespeare_val_000000.bin").stat().st_mtime_ns
+    assert default_corpus(tmp_path) == out
+    assert (out / "shakespeare_val_000000.bin").stat().st_mtime_ns == stamp  # not prepared again
+
+
+def test_cli_prepare(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(ENDOFTEXT.join(DOCS), encoding="utf-8")
+    main(["prepare", "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "o"), "--val-fraction=0.5"])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["in_train_000000.bin", "in_val_000000.bin"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 1 and "missing.txt: input text file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["fineweb", "--help"])
+    assert exit_.value.code == 0 and "kjj0/fineweb10B-gpt2" in capsys.readouterr().out
+
+
+# --- fineweb -------------------------------------------------------------------------------
+
+
+def test_download_fineweb_with_fake_hub(tmp_path):
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type, local_dir):
+        assert (repo_id, repo_type) == ("kjj0/fineweb10B-gpt2", "dataset")
+        calls.append(filename)
+        write_shard(Path(local_dir) / filename, np.arange(1000) % 50257)
+        return str(Path(local_dir) / filename)
+
+    out = download_fineweb(2, tmp_path / "fw", download=fake_download)
+    assert calls == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    calls.clear()
+    assert download_fineweb(3, out, download=fake_download) == out
+    assert calls == ["fineweb_train_000003.bin"]  # the first three were already there
+    x, _ = DataLoader(out, "train", batch_size=2, seq_len=8).next_batch()
+    assert x.shape == (2, 8)
+
+    def bad_download(repo_id, filename, repo_type, local_dir):
+        (Path(local_dir) / filename).write_bytes(b"<html>rate limited</html>")
+
+    with pytest.raises(DataError, match=r"fineweb_train_000004\.bin: truncated"):
+        download_fineweb(4, out, download=bad_download)
+    with pytest.raises(DataError, match=r"num_shards must be 1\.\.103"):
+        download_fineweb(0, out, download=fake_download)
+
+
+# --- loader --------------------------------------------------------------------------------
+
+
+def test_loader_batches_walk_shards_and_wrap(tmp_path):
+    B, T = 2, 3
+    stream = make_shards(tmp_path, [2 * B * T + 1, B * T + 4])
+    loader = DataLoader(tmp_path, "train", B, T)
+    starts = []
+    for _ in range(4):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # y is x shifted by one
+        start = int(x[0, 0])
+        assert torch.equal(y.flatten(), torch.from_numpy(stream[start + 1 : start + 1 + B * T]))
+        starts.append(start)
+    # shard 0 at 0 and 6; shard 1 (global offset 13) at 0; its last 4 tokens skipped; wrap to 0
+    assert starts == [0, 6, 13, 0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 5),
+    W=st.integers(1, 3),
+    steps_per_shard=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+)
+def test_ranks_equal_micro_batches(B, T, W, steps_per_shard):
+    # Shards holding whole global steps: one rank doing W micro-batches per step then reads
+    # exactly what W ranks read, across shard ends and the wrap to a new epoch.
+    C = B * T
+    with tempfile.TemporaryDirectory() as d:
+        make_shards(d, [k * W * C + 1 for k in steps_per_shard])
+        ranks = [DataLoader(d, "train", B, T, rank=r, world_size=W) for r in range(W)]
+        single = DataLoader(d, "train", B, T)
+        for _ in range(sum(steps_per_shard) + 2):
+            xs = [loader.next_batch()[0] for loader in ranks]
+            for x in xs:
+                assert torch.equal(single.next_batch()[0], x)
+            union = torch.cat([x.flatten() for x in xs])  # disjoint and contiguous, in rank order
+            assert torch.equal(union, torch.arange(int(union[0]), int(union[0]) + W * C))
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    path = tmp_path_factory.mktemp("uneven")
+    make_shards(path, [47, 90, 61])
+    return path
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 5), W=st.integers(1, 3), steps=st.integers(1, 60))
+def test_ranks_tile_a_wider_batch(uneven_shards, B, T, W, steps):
+    # With any shard lengths, W ranks together read what one rank with batch W*B reads.
+    ranks = [DataLoader(uneven_shards, "train", B, T, rank=r, world_size=W) for r in range(W)]
+    wide = DataLoader(uneven_shards, "train", W * B, T)
+    for _ in range(steps):
+        union = torch.cat([loader.next_batch()[0].flatten() for loader in ranks])
+        assert torch.equal(union, wide.next_batch()[0].flatten())
+
+
+def test_state_dict_resume(tmp_path):
+    make_shards(tmp_path, [40, 25, 33])
+    loader = DataLoader(tmp_path, "train", batch_size=2, seq_len=4, rank=1, world_size=2)
+    first = loader.next_batch()
+    for _ in range(3):  # past the end of shard 0
+        loader.next_batch()
+    torch.save(loader.state_dict(), tmp_path / "state.pt")
+    expected = [loader.next_batch() for _ in range(5)]
+    resumed = DataLoader(tmp_path, "train", batch_size=2, seq_len=4, rank=1, world_size=2)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for x, y in expected:
+        rx, ry = resumed.next_batch()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+    resumed.reset()
+    assert torch.equal(resumed.next_batch()[0], first[0])
+    with pytest.raises(DataError, match="does not fit its 3 shards"):
+        resumed.load_state_dict({"shard": 3, "pos": 0})
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere: data directory not found \(looked for shards \*_train_\*"):
+        DataLoader(tmp_path / "nowhere", "train", 1, 8)
+    make_shards(tmp_path, [20])
+    with pytest.raises(DataError, match=r"no shards matching \*_val_\*\.bin; found: t_train_000000\.bin"):
+        DataLoader(tmp_path, "val", 1, 8)
+    with pytest.raises(DataError, match=r"t_train_000000\.bin: too short: 20 tokens.* = 1\*1\*20\+1 = 21"):
+        DataLoader(tmp_path, "train", 1, 20)
+    with pytest.raises(DataError, match=r"too short: 20 tokens.* = 2\*1\*10\+1 = 21"):
+        DataLoader(tmp_path, "train", 1, 10, rank=1, world_size=2)
+    with pytest.raises(DataError, match="rank 2 outside world_size 2"):
+        DataLoader(tmp_path, "train", 1, 4, rank=2, world_size=2)

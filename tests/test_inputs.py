@@ -1,0 +1,118 @@
+"""Presets and bad inputs: published sizes, and a clear error (naming the problem) for every
+kind of bad input, instead of a bare traceback from deep inside torch."""
+
+import json
+
+import pytest
+import torch
+
+from registry import MODELS
+
+models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
+presets = [(spec, name, count) for spec in MODELS for name, count in spec.presets.items()]
+
+
+@pytest.mark.parametrize("spec,preset,published", presets, ids=[f"{s.name}-{p}" for s, p, _ in presets])
+def test_preset_parameter_count(spec, preset, published):
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = spec.model.Transformer(spec.model.Config.from_preset(preset))
+    assert model.num_params() == pytest.approx(published, rel=spec.preset_rel_tol)
+
+
+@models
+def test_every_preset_builds_and_tiny_is_the_default_size(spec):
+    Config = spec.model.Config
+    assert "tiny" in Config.PRESETS
+    for name in Config.PRESETS:
+        assert isinstance(Config.from_preset(name), Config)
+
+
+@models
+def test_unknown_preset(spec):
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
+        spec.model.Config.from_preset("gpt5")
+
+
+@models
+@pytest.mark.parametrize("field,value", [("n_layer", 0), ("vocab_size", -1), ("n_head", 0), ("norm_eps", 0.0)])
+def test_invalid_config_names_the_field(spec, field, value):
+    with pytest.raises(ValueError, match=f"Config.{field}"):
+        spec.config(**{field: value})
+
+
+@models
+def test_invalid_attn_impl(spec):
+    with pytest.raises(ValueError, match="Config.attn_impl"):
+        spec.config(attn_impl="flash")
+
+
+def test_gpt2_heads_must_divide_width():
+    spec = next(s for s in MODELS if s.name == "gpt2")
+    with pytest.raises(ValueError, match=r"n_embd \(32\) must be divisible by Config.n_head \(5\)"):
+        spec.config(n_embd=32, n_head=5)
+
+
+@models
+def test_token_id_outside_vocabulary(spec):
+    model = spec.build()
+    vocab = model.cfg.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
+        model(torch.tensor([[0, vocab]]))
+    with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+        model(torch.tensor([[-1, 0]]))
+
+
+@models
+def test_sequence_longer_than_the_model_supports(spec):
+    model = spec.build()
+    n = model.cfg.block_size
+    with pytest.raises(ValueError, match=f"sequence of {n + 1} tokens .* longer than the model supports"):
+        model(torch.zeros(1, n + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than the model supports"):
+        model(torch.zeros(1, 2, dtype=torch.long), pos=n - 1)  # a cached decode past the end
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), n)
+
+
+@models
+def test_wrong_index_dtype_or_shape(spec):
+    model = spec.build()
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="integer tensor of shape"):
+        model(torch.zeros(3, dtype=torch.long))
+
+
+@models
+def test_checkpoint_with_mismatched_keys(spec, tmp_path):
+    model = spec.build()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    layers_key = next(k for k in ("n_layer", "num_hidden_layers") if k in config)
+    config[layers_key] += 1  # the weights now lack a whole layer
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match=rf"missing keys: \['layers\.{config[layers_key] - 1}\."):
+        spec.model.Transformer.from_pretrained(tmp_path)
+    config[layers_key] -= 2  # and now the checkpoint has a layer too many
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match="unexpected keys"):
+        spec.model.Transformer.from_pretrained(tmp_path)
+
+
+@models
+def test_checkpoint_with_mismatched_shapes(spec, tmp_path):
+    spec.build().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vocab_size"] += 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyError, match="shape mismatches: .*tok_emb.weight"):
+        spec.model.Transformer.from_pretrained(tmp_path)
+
+
+@models
+def test_directory_without_weights(spec, tmp_path):
+    spec.build().save_pretrained(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
+        spec.model.Transformer.from_pretrained(tmp_path)
