@@ -75,7 +75,8 @@ def parse_args(argv=None):
     r.add_argument("--eval-steps", type=int, default=10, help="validation batches per run")
     r.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     r.add_argument("--seed", type=int, default=1337)
-    r.add_argument("--out-dir", default="out/gpt2", help="checkpoints and metrics.jsonl go here")
+    r.add_argument("--out-dir", default=str(Path("out") / Path(__file__).parent.name),  # out/<model>
+                   help="checkpoints and metrics.jsonl go here")
     r.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     r.add_argument("--parallel", default="none", choices=("none", "ddp", "fsdp"),

@@ -60,6 +60,36 @@ MODELS = [
                  "llama32_1b": 1_235_814_400, "llama32_3b": 3_212_749_824},
         preset_rel_tol=0.0,
     ),
+    ModelSpec(
+        name="qwen3",
+        package="qwen3",
+        small=dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_heads=2, n_embd=32, head_dim=12,
+                   intermediate_size=80, tie_embeddings=True),
+        hf_class="Qwen3ForCausalLM",
+        # head_dim 10 x 6 heads = 60 != hidden_size 36: head_dim is decoupled, as in Qwen3-0.6B; tied like it
+        hf_config=dict(vocab_size=101, max_position_embeddings=64, hidden_size=36, num_hidden_layers=3,
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=10, intermediate_size=52,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=20000.0, bos_token_id=0, eos_token_id=0),
+        presets={"qwen3_0_6b": 596_049_920, "qwen3_1_7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
+                 "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200, "qwen3_32b": 32_762_123_264},
+        preset_rel_tol=0.0,
+    ),
+    ModelSpec(
+        name="qwen3_moe",
+        package="qwen3",
+        small=dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_heads=2, n_embd=32, head_dim=12,
+                   intermediate_size=80, n_experts=6, n_experts_per_tok=2, moe_intermediate_size=24),
+        hf_class="Qwen3MoeForCausalLM",
+        # 7 experts, 3 per token, renormalised; layer 1 keeps a dense MLP (mlp_only_layers). With the
+        # parity test's std-0.1 weights every expert is used and no top-3 is near a tie
+        hf_config=dict(vocab_size=101, max_position_embeddings=64, hidden_size=36, num_hidden_layers=3,
+                       num_attention_heads=6, num_key_value_heads=2, head_dim=10, intermediate_size=52,
+                       moe_intermediate_size=20, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True,
+                       mlp_only_layers=[1], rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e6,
+                       bos_token_id=0, eos_token_id=0),
+        presets={"qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560},
+        preset_rel_tol=0.0,
+    ),
 ]
 
 

@@ -7,25 +7,27 @@ import inspect
 
 import pytest
 
+from registry import MODELS
+
 # component (module-level name, or Class.method) -> the model packages holding identical copies
 COPIES = {
-    "Config.from_preset": ["gpt2", "llama31"],
-    "RMSNorm": ["llama31"],
-    "precompute_rope": ["llama31"],
-    "apply_rope": ["llama31"],
-    "KVCache": ["gpt2", "llama31"],
-    "causal_attention": ["gpt2", "llama31"],
-    "MLP": ["llama31"],
+    "Config.from_preset": ["gpt2", "llama31", "qwen3"],
+    "RMSNorm": ["llama31", "qwen3"],
+    "precompute_rope": ["llama31", "qwen3"],
+    "apply_rope": ["llama31", "qwen3"],
+    "KVCache": ["gpt2", "llama31", "qwen3"],
+    "causal_attention": ["gpt2", "llama31", "qwen3"],
+    "MLP": ["llama31", "qwen3"],
     "Transformer.reset_parameters": ["gpt2", "llama31"],
-    "Transformer.check_input": ["gpt2", "llama31"],
-    "Transformer.make_cache": ["llama31"],
-    "Transformer.generate": ["gpt2", "llama31"],
+    "Transformer.check_input": ["gpt2", "llama31", "qwen3"],
+    "Transformer.make_cache": ["llama31", "qwen3"],
+    "Transformer.generate": ["gpt2", "llama31", "qwen3"],
     "Transformer.flops_per_token": ["gpt2", "llama31"],
-    "Transformer.from_pretrained": ["gpt2", "llama31"],
-    "Transformer.save_pretrained": ["gpt2", "llama31"],
-    "sample": ["gpt2", "llama31"],
-    "read_safetensors_dir": ["gpt2", "llama31"],
-    "load_state_dict_strict": ["gpt2", "llama31"],
+    "Transformer.from_pretrained": ["gpt2", "llama31", "qwen3"],
+    "Transformer.save_pretrained": ["gpt2", "llama31", "qwen3"],
+    "sample": ["gpt2", "llama31", "qwen3"],
+    "read_safetensors_dir": ["gpt2", "llama31", "qwen3"],
+    "load_state_dict_strict": ["gpt2", "llama31", "qwen3"],
     "hf_to_ours": ["llama31"],
     "ours_to_hf": ["llama31"],
 }
@@ -44,3 +46,23 @@ def test_copies_are_identical(component):
     reference = source(packages[0], component)
     drifted = [p for p in packages[1:] if source(p, component) != reference]
     assert not drifted, f"{component} in {drifted} differs from {packages[0]}/model.py; re-copy it or mark the deviation"
+
+
+# train.py: every model's script is gpt2/train.py with its own model import, docstring and
+# defaults; a function that must differ (an architecture's extra loss or logging) is listed here
+TRAIN_DEVIATIONS = {"qwen3": {"main"}}  # qwen3: MoE models log balancing loss and expert load
+
+
+def train_functions(package):
+    module = importlib.import_module(f"{package}.train")
+    return {name: inspect.getsource(f) for name, f in vars(module).items()
+            if inspect.isfunction(f) and f.__module__ == module.__name__}
+
+
+@pytest.mark.parametrize("package", sorted({m.package for m in MODELS} - {"gpt2"}))
+def test_train_scripts_share_the_gpt2_skeleton(package):
+    template, ours = train_functions("gpt2"), train_functions(package)
+    assert set(ours) >= set(template), f"{package}/train.py lacks {sorted(set(template) - set(ours))}"
+    allowed = TRAIN_DEVIATIONS.get(package, set())
+    drifted = sorted(name for name in template if name not in allowed and ours[name] != template[name])
+    assert not drifted, f"{package}/train.py: {drifted} differ from gpt2/train.py; re-copy or list in TRAIN_DEVIATIONS"

@@ -1,0 +1,793 @@
+"""Qwen 3: the dense and mixture-of-experts decoders of the "Qwen3 Technical Report" (Yang et al.,
+2025), 0.6B to 32B dense and 30B-A3B / 235B-A22B MoE. The architecture is Llama's with QK-Norm
+(Dehghani et al., 2023) in attention and, in the MoE models, top-k routed SwiGLU experts
+(Shazeer et al., 2017; Fedus et al., 2021) in place of the dense MLP.
+
+Checked against Hugging Face `transformers.Qwen3ForCausalLM` and `Qwen3MoeForCausalLM`
+(tests/test_parity.py): logits agree to 1e-4 in fp32, and checkpoints load both ways; the MoE
+layer is also checked against `Qwen3MoeSparseMoeBlock` and its loss against
+`load_balancing_loss_func` (tests/test_moe.py).
+
+Changes from llama31/model.py:
+- QK-Norm: RMSNorm over head_dim on every query and key head, before RoPE (report sec. 2);
+- head_dim is a Config field (128 at every size), no longer n_embd // n_head;
+- RoPE base 1,000,000 and no Llama 3.1 frequency scaling (the fields stay, switched off);
+- `Router` and `MoE` (no shared expert; top-k probabilities renormalised), used in every layer
+  picked by `decoder_sparse_step` and not in `mlp_only_layers`, as Hugging Face does. `MoE` runs
+  either a readable loop over experts or grouped matmuls over tokens sorted by expert
+  (`moe_impl`); tests/test_moe.py proves them equal;
+- the Switch Transformer load-balancing loss, added to the loss in training mode;
+  `num_params(active=True)` counts the parameters one token runs through;
+- Block returns its router logits beside x; Hugging Face names for both checkpoint variants.
+
+Not here: Qwen 3's "global-batch" balancing (Qiu et al., 2025), which pools expert counts over
+all data-parallel ranks and micro-batches (this loss pools over the layers of one micro-batch, as
+transformers does); YaRN for contexts beyond 32K (posttrain/yarn.py); sliding-window attention
+(off in every released Qwen 3).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    vocab_size: int = 151936  # Qwen's byte-level BPE, 151,643 tokens + control tokens, padded
+    block_size: int = 40960  # longest sequence as released: 32,768 generated + 8,192 prompt tokens
+    n_layer: int = 36  # transformer blocks
+    n_head: int = 32  # query heads
+    n_kv_heads: int = 8  # key/value heads, each shared by n_head // n_kv_heads query heads
+    n_embd: int = 4096  # residual stream width
+    head_dim: int = 128  # width of one attention head; n_head * head_dim need not equal n_embd
+    intermediate_size: int = 12288  # SwiGLU hidden width of the dense MLP
+    norm_eps: float = 1e-6  # RMSNorm epsilon, also of QK-Norm
+    tie_embeddings: bool = False  # lm_head shares the token-embedding matrix (0.6B, 1.7B, 4B)
+    rope_theta: float = 1000000.0  # RoPE base, raised from 10,000 by ABF (Xiong et al., 2023) for long context
+    rope_factor: float | None = None  # Llama 3.1 RoPE scaling: low frequencies slowed by this; None = off
+    rope_low_freq_factor: float = 1.0  # wavelengths > rope_original_block_size / this: fully scaled
+    rope_high_freq_factor: float = 4.0  # wavelengths < rope_original_block_size / this: unchanged
+    rope_original_block_size: int = 8192  # the pre-training context, before long-context training
+    # mixture of experts (Qwen3-MoE); n_experts = 0 is a dense model
+    n_experts: int = 0  # routed experts in each MoE layer
+    n_experts_per_tok: int = 8  # top-k: experts each token runs through
+    moe_intermediate_size: int = 768  # SwiGLU hidden width of one expert
+    norm_topk_prob: bool = True  # renormalise the k chosen router probabilities to sum to 1
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % decoder_sparse_step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in the training loss
+    moe_impl: str = "grouped"  # "grouped" (tokens sorted by expert, grouped matmuls) or "loop" (the reference)
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, the reference)
+    init_std: float = 0.02  # std of the normal initialisation
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim",
+                     "intermediate_size", "rope_original_block_size", "n_experts_per_tok", "moe_intermediate_size",
+                     "decoder_sparse_step"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_head % self.n_kv_heads != 0:
+            raise ValueError(f"Config.n_head ({self.n_head}) must be divisible by Config.n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"Config.head_dim ({self.head_dim}) must be even for RoPE")
+        if self.attn_impl not in ("sdpa", "math"):
+            raise ValueError(f"Config.attn_impl must be 'sdpa' or 'math', got {self.attn_impl!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"Config.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rope_factor is not None and not self.rope_factor > 0:
+            raise ValueError(f"Config.rope_factor must be > 0 or None (no scaling), got {self.rope_factor!r}")
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"Config.rope_low_freq_factor ({self.rope_low_freq_factor}) must be > 0 and below "
+                             f"Config.rope_high_freq_factor ({self.rope_high_freq_factor})")
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ValueError(f"Config.n_experts must be an integer >= 0 (0: dense), got {self.n_experts!r}")
+        if self.n_experts and self.n_experts_per_tok > self.n_experts:
+            raise ValueError(f"Config.n_experts_per_tok ({self.n_experts_per_tok}) must be at most "
+                             f"Config.n_experts ({self.n_experts})")
+        if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.mlp_only_layers):
+            raise ValueError(f"Config.mlp_only_layers must hold layer indices in [0, {self.n_layer}), "
+                             f"got {self.mlp_only_layers!r}")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"Config.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
+        if self.moe_impl not in ("grouped", "loop"):
+            raise ValueError(f"Config.moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}")
+
+    def is_moe_layer(self, i):
+        # Hugging Face's Qwen3MoeDecoderLayer rule
+        return self.n_experts > 0 and (i + 1) % self.decoder_sparse_step == 0 and i not in self.mlp_only_layers
+
+    # --- presets: looked up by exact name, never fuzzy-matched ---
+
+    @classmethod
+    def tiny(cls):  # the CPU default: gpt2's tiny with the GPT-2 vocabulary padded to a multiple of 64
+        return cls(vocab_size=50304, block_size=256, n_layer=4, n_head=4, n_kv_heads=2, n_embd=128, head_dim=32,
+                   intermediate_size=384, tie_embeddings=True)
+
+    @classmethod
+    def tiny_moe(cls):  # tiny with 8 experts, 2 per token, each a quarter of the dense MLP
+        return cls(**{**asdict(cls.tiny()), "n_experts": 8, "n_experts_per_tok": 2, "moe_intermediate_size": 96})
+
+    # as in each model's config.json on the Hugging Face hub (Qwen/Qwen3-*)
+    @classmethod
+    def qwen3_0_6b(cls):  # 0.6B
+        return cls(n_layer=28, n_head=16, n_kv_heads=8, n_embd=1024, intermediate_size=3072, tie_embeddings=True)
+
+    @classmethod
+    def qwen3_1_7b(cls):  # 1.7B
+        return cls(n_layer=28, n_head=16, n_kv_heads=8, n_embd=2048, intermediate_size=6144, tie_embeddings=True)
+
+    @classmethod
+    def qwen3_4b(cls):  # 4.0B
+        return cls(n_layer=36, n_head=32, n_kv_heads=8, n_embd=2560, intermediate_size=9728, tie_embeddings=True)
+
+    @classmethod
+    def qwen3_8b(cls):  # 8.2B
+        return cls(n_layer=36, n_head=32, n_kv_heads=8, n_embd=4096, intermediate_size=12288)
+
+    @classmethod
+    def qwen3_14b(cls):  # 14.8B
+        return cls(n_layer=40, n_head=40, n_kv_heads=8, n_embd=5120, intermediate_size=17408)
+
+    @classmethod
+    def qwen3_32b(cls):  # 32.8B
+        return cls(n_layer=64, n_head=64, n_kv_heads=8, n_embd=5120, intermediate_size=25600)
+
+    @classmethod
+    def qwen3_30b_a3b(cls):  # 30.5B, 3.3B active
+        return cls(n_layer=48, n_head=32, n_kv_heads=4, n_embd=2048, intermediate_size=6144, n_experts=128,
+                   n_experts_per_tok=8, moe_intermediate_size=768)
+
+    @classmethod
+    def qwen3_235b_a22b(cls):  # 235B, 22B active
+        return cls(n_layer=94, n_head=64, n_kv_heads=4, n_embd=4096, intermediate_size=12288, n_experts=128,
+                   n_experts_per_tok=8, moe_intermediate_size=1536)
+
+    PRESETS = ("tiny", "tiny_moe", "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
+               "qwen3_30b_a3b", "qwen3_235b_a22b")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+        return cls(**{**asdict(getattr(cls, name)()), **overrides})
+
+    # --- Hugging Face config.json: Qwen3Config (dense) or Qwen3MoeConfig ---
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides):
+        if hf.get("attention_bias") or hf.get("use_sliding_window") or hf.get("hidden_act", "silu") != "silu":
+            raise ValueError("config.json asks for attention_bias, use_sliding_window or a hidden_act other than "
+                             "silu; no released Qwen 3 does, and this file does not implement them")
+        # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, including
+        # Qwen's published ones, write rope_theta beside a rope_scaling dict (null in Qwen 3)
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"config.json rope_type {rope_type!r} is not supported; use 'default' (or 'llama3')")
+        scaling = dict(rope_factor=None)
+        if rope_type == "llama3":
+            scaling = dict(
+                rope_factor=rope["factor"],
+                rope_low_freq_factor=rope["low_freq_factor"],
+                rope_high_freq_factor=rope["high_freq_factor"],
+                rope_original_block_size=rope.get("original_max_position_embeddings", hf["max_position_embeddings"]),
+            )
+        moe = {}
+        if hf.get("model_type") == "qwen3_moe":
+            # transformers >= 5 saves num_experts under its alias num_local_experts
+            moe = dict(
+                n_experts=hf.get("num_experts", hf.get("num_local_experts")),
+                n_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["moe_intermediate_size"],
+                norm_topk_prob=hf.get("norm_topk_prob", False),
+                decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+            )
+        return cls(
+            vocab_size=hf["vocab_size"],
+            block_size=hf["max_position_embeddings"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            **scaling,
+            **moe,
+            **overrides,
+        )
+
+    def to_hf(self) -> dict:
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_factor is not None:
+            rope.update(rope_type="llama3", factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                        high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_block_size)
+        hf = {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.block_size,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_heads,
+            "hidden_size": self.n_embd,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "initializer_range": self.init_std,
+            "rope_parameters": rope,  # the transformers >= 5 spelling
+            "attention_bias": False,
+            "use_sliding_window": False,
+        }
+        if self.n_experts:
+            hf.update({
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe",
+                "num_experts": self.n_experts,
+                "num_experts_per_tok": self.n_experts_per_tok,
+                "moe_intermediate_size": self.moe_intermediate_size,
+                "norm_topk_prob": self.norm_topk_prob,
+                "decoder_sparse_step": self.decoder_sparse_step,
+                "mlp_only_layers": list(self.mlp_only_layers),
+                "router_aux_loss_coef": self.router_aux_loss_coef,
+            })
+        return hf
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm
+
+
+class RMSNorm(nn.Module):
+    # LayerNorm without the mean subtraction and the bias (Zhang & Sennrich, 2019): x / RMS(x) * g
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the gain, as Hugging Face does, so bf16 matches
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embedding (RoFormer, Su et al., 2021)
+
+
+def precompute_rope(cfg: Config):
+    """cos and sin of the rotation angle m * theta_i for every position m < block_size."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (head_dim/2,) eq. 15
+    if cfg.rope_factor is not None:
+        # Llama 3.1 (Meta's llama-models, apply_scaling): frequencies whose wavelength exceeds the
+        # original context / low_freq_factor are divided by rope_factor (position interpolation,
+        # Chen et al., 2023), those shorter than context / high_freq_factor are kept, and between the
+        # two the result blends linearly in (turns per original context) = context / wavelength
+        turns = cfg.rope_original_block_size / (2 * math.pi / inv_freq)  # (head_dim/2,)
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = ((turns - lo) / (hi - lo)).clamp(0, 1)  # 0: fully scaled ... 1: unchanged
+        inv_freq = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim): dim i pairs with i + head_dim/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin, pos):
+    """Rotate x: (B, n_heads, T, head_dim) at positions pos .. pos+T-1 by RoFormer eq. 34,
+    x * cos + rotate_half(x) * sin, pairing dim i with i + head_dim/2 rather than the paper's
+    neighbours 2i, 2i+1: the layout of Hugging Face's Llama weights, so they load unpermuted."""
+    T = x.size(2)
+    cos, sin = cos[pos : pos + T].to(x.dtype), sin[pos : pos + T].to(x.dtype)  # (T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, n_heads, T, head_dim/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# KV cache: allocated only for generation, written at `pos`
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        # k, v: (B, n_kv_heads, T, head_dim) for positions pos .. pos+T-1
+        T = k.size(2)
+        if pos + T > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write {T} at pos={pos}")
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # (B, n_kv_heads, pos+T, head_dim)
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def causal_attention(q, k, v, pos, impl):
+    """softmax(q k^T / sqrt(d) + causal mask) v, for queries at positions pos .. pos+T-1.
+
+    q: (B, n_head, T, head_dim); k, v: (B, n_kv_heads, pos+T, head_dim). With grouped-query
+    attention each key/value head serves n_head // n_kv_heads query heads.
+    """
+    T, S = q.size(2), k.size(2)
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, n_head, S, head_dim)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    # query i (at position pos + i) sees keys 0 .. pos + i
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if impl == "sdpa":
+        if T == S:  # no cache prefix: the fused kernel builds the causal mask itself
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, S)
+    att = att.masked_fill(~mask, float("-inf"))
+    att = F.softmax(att.float(), dim=-1).to(q.dtype)
+    return att @ v  # (B, n_head, T, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim, self.attn_impl = cfg.n_head, cfg.n_kv_heads, cfg.head_dim, cfg.attn_impl
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)  # diff vs llama31: head_dim is free
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        # diff vs llama31: QK-Norm, one gain vector over head_dim shared by all heads; it bounds the
+        # attention logits, which otherwise grow and destabilise training (Dehghani et al., 2023)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, _ = x.shape
+        # diff vs llama31: QK-Norm on each head's vector, before RoPE
+        q = self.q_norm(self.wq(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)  # rotate before caching
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, n_kv_heads, pos+T, head_dim)
+        y = causal_attention(q, k, v, pos, self.attn_impl)  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * head_dim)
+        return self.wo(y)
+
+
+# -----------------------------------------------------------------------------
+# MLP
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)  # down
+        self.w3 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)  # up
+
+    def forward(self, x):
+        # SwiGLU (Shazeer, 2020, eq. 6): a SiLU-activated gate times a linear "up" projection
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# -----------------------------------------------------------------------------
+# Mixture of experts
+
+
+class Router(nn.Module):
+    """Token-choice top-k gating: softmax over all experts, keep the k largest. Renormalised
+    (norm_topk_prob), that is Shazeer et al.'s softmax over the top-k logits (2017, eq. 3-5,
+    without the noise); raw, the weights sum to less than 1, as in Switch (Fedus et al., 2021)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_experts, self.top_k, self.norm_topk_prob = cfg.n_experts, cfg.n_experts_per_tok, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
+
+    def forward(self, x):
+        # x: (N, n_embd) -> weights (N, k) in x's dtype, experts (N, k) ids, logits (N, n_experts)
+        logits = F.linear(x, self.weight)
+        # softmax over all experts before top-k, in fp32 so near-tied experts rank the same in bf16
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts, logits
+
+
+def grouped_mm(x, w, offs):
+    """Row block g of x times w[g]^T: x (S, in) sorted by group, w (G, out, in), offs (G,) int32
+    end row of each group -> (S, out). One kernel for all groups where torch has one for this
+    device and dtype (CPU; CUDA sm80+ in bf16) and the rows are 16-byte aligned, as it requires;
+    else a zero-padded batched matmul."""
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast as F.linear would be
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:]) and x.data_ptr() % 16 == w.data_ptr() % 16 == 0
+    cuda_ok = (x.device.type == "cuda" and x.dtype == torch.bfloat16
+               and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    usable = hasattr(F, "grouped_mm") and x.dtype == w.dtype and aligned and (x.device.type == "cpu" or cuda_ok)
+    if usable:
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return padded_bmm(x, w, offs)
+
+
+def padded_bmm(x, w, offs):
+    """grouped_mm as one bmm: scatter each group's rows into a (G, max rows, in) zero-padded batch."""
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()  # (G,) rows per group
+    group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)  # (S,)
+    row = torch.arange(x.size(0), device=x.device) - (offs.long() - counts)[group]  # (S,) row within its group
+    batch = x.new_zeros(w.size(0), int(counts.max()) if len(counts) else 0, x.size(1))  # (G, max rows, in)
+    batch[group, row] = x
+    return torch.bmm(batch, w.transpose(1, 2).to(batch.dtype))[group, row]  # (S, out)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts (Shazeer et al. 2017; Qwen3 technical report sec. 2):
+    each token runs through its top-k experts and their outputs are summed, weighted by the
+    router. Qwen 3 has no shared expert (unlike Qwen2-MoE and DeepSeek-V3)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.impl = cfg.moe_impl
+        self.router = Router(cfg)
+        E, D, H = cfg.n_experts, cfg.n_embd, cfg.moe_intermediate_size
+        # expert e computes w2[e] (silu(w1[e] x) * w3[e] x); stacked (E, out, in) so that one
+        # grouped matmul runs every expert at once
+        self.w1 = nn.Parameter(torch.empty(E, H, D))  # gate
+        self.w2 = nn.Parameter(torch.empty(E, D, H))  # down
+        self.w3 = nn.Parameter(torch.empty(E, H, D))  # up
+
+    def forward(self, x):
+        """x: (B, T, n_embd) -> (output (B, T, n_embd), router logits (B*T, n_experts))."""
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (N, D): routing is per token
+        weights, experts, logits = self.router(x)  # (N, k), (N, k), (N, E)
+        run = self.experts_loop if self.impl == "loop" else self.experts_grouped
+        return run(x, weights, experts).view(B, T, D), logits
+
+    def experts_loop(self, x, weights, experts):
+        """The reference: per expert, gather its tokens, run its MLP, scatter-add the weighted result.
+        Idle experts still run (on 0 tokens) so every parameter gets a gradient, as DDP requires."""
+        out = torch.zeros_like(x)  # (N, D)
+        for e, (w1, w2, w3) in enumerate(zip(self.w1, self.w2, self.w3)):  # one unbind: cheap backward
+            token, slot = torch.where(experts == e)  # tokens routed to e, and which of their k picks
+            h = x[token]  # (n_e, D)
+            h = F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)  # (n_e, D)
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return out
+
+    def experts_grouped(self, x, weights, experts):
+        """The fast path (as in MegaBlocks, Gale et al. 2022): sort the N*k (token, pick) pairs by
+        expert so each expert's rows are contiguous, then one grouped matmul per projection."""
+        N, k = experts.shape
+        order = experts.flatten().argsort(stable=True)  # (N*k,) pairs, sorted by expert
+        offs = torch.bincount(experts.flatten(), minlength=self.w1.size(0)).cumsum(0).to(torch.int32)  # (E,)
+        # index_select is x[...] for one index tensor, several times faster on CPU
+        h = x.index_select(0, order // k)  # (N*k, D): pair p belongs to token p // k
+        h = grouped_mm(F.silu(grouped_mm(h, self.w1, offs)) * grouped_mm(h, self.w3, offs), self.w2, offs)
+        h = h * weights.flatten()[order, None]  # (N*k, D) weighted by the router
+        h = h.index_select(0, order.argsort())  # back to (token, pick) order: argsort inverts a permutation
+        return h.view(N, k, -1).sum(dim=1)  # (N, D): a sum, not index_add_, so CUDA is deterministic
+
+
+def load_balancing_loss(router_logits, top_k):
+    """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6) for top-k routing, pooled
+    over all MoE layers as in Hugging Face's `load_balancing_loss_func`:
+        n_experts * sum_i f_i * P_i,
+    f_i the fraction of (token, layer) rows whose top-k holds expert i, P_i the mean router
+    probability of expert i. f sums to k, so perfectly even routing scores k; only P is
+    differentiable. router_logits: one (N, n_experts) tensor per MoE layer."""
+    logits = torch.cat(router_logits)  # (n_moe_layers * N, E)
+    E = logits.size(-1)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    picked = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, E).sum(dim=1)  # (rows, E), 0 or 1
+    f = picked.float().mean(dim=0)  # (E,)
+    P = probs.mean(dim=0)  # (E,)
+    return E * (f * P).sum()
+
+
+# -----------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, moe=False):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg)  # diff vs llama31: the MoE variant
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        # diff vs llama31: return the router logits too (None in a dense layer), for the balancing loss
+        if isinstance(self.mlp, MoE):
+            y, router_logits = self.mlp(self.mlp_norm(x))
+        else:
+            y, router_logits = self.mlp(self.mlp_norm(x)), None
+        return x + y, router_logits
+
+
+# -----------------------------------------------------------------------------
+# Transformer
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = precompute_rope(cfg)  # (block_size, head_dim) each; rebuilt from cfg, never saved
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "mlp.w2")):  # diff vs llama31: MoE's stacked w2
+                # GPT-2 paper sec. 2.3: scale residual projections by 1/sqrt(N) so the
+                # residual stream's variance does not grow with depth (2 per block)
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def check_input(self, idx, pos=0):
+        """Fail with a message a user can act on, instead of an index error deep inside torch."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}")
+        if pos + idx.size(1) > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
+                f"the model supports (block_size={self.cfg.block_size})"
+            )
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = idx.min().item(), idx.max().item()
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def forward(self, idx, targets=None, *, cache=None, pos=0):
+        """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
+        self.check_input(idx, pos)
+        x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
+        router_logits = []  # diff vs llama31: one (B*T, n_experts) per MoE layer
+        for i, layer in enumerate(self.layers):
+            x, layer_router_logits = layer(x, self.rope_cos, self.rope_sin, None if cache is None else cache[i], pos)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            # diff vs llama31: the load-balancing loss is a training regulariser, added in training
+            # mode only, so eval loss stays the cross-entropy comparable with dense models (and with
+            # transformers' loss, which adds it only when output_router_logits is set). It counts
+            # every token, ignore_index ones included, as transformers does without an attention mask.
+            if self.training and router_logits and self.cfg.router_aux_loss_coef > 0:
+                aux = load_balancing_loss(router_logits, self.cfg.n_experts_per_tok)
+                loss = loss + self.cfg.router_aux_loss_coef * aux
+        return logits, loss
+
+    def make_cache(self, batch_size, max_seq_len=None):
+        cfg, p = self.cfg, self.lm_head.weight
+        max_seq_len = max_seq_len or cfg.block_size
+        return [KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
+        if idx.size(1) + max_new_tokens > self.cfg.block_size:
+            raise ValueError(
+                f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds block_size={self.cfg.block_size}"
+            )
+        cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
+        logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
+        out = [idx]
+        for step in range(max_new_tokens):
+            next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+            out.append(next_id)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
+        return torch.cat(out, dim=1)
+
+    def num_params(self, non_embedding=False, active=False):
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        if non_embedding:
+            # the embedding lookup does no matmul; an untied lm_head does, so it stays counted
+            # (the convention of torchtitan's FLOP count; tied, the one matrix is the embedding)
+            n -= self.tok_emb.weight.numel()
+        if active:  # diff vs llama31: a token runs through only k of each MoE layer's experts
+            for m in self.modules():
+                if isinstance(m, MoE):
+                    per_expert = m.w1[0].numel() + m.w2[0].numel() + m.w3[0].numel()
+                    n -= (self.cfg.n_experts - self.cfg.n_experts_per_tok) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len):
+        # 6N for the matmuls (forward 2N + backward 4N) plus attention's q k^T and att v:
+        # 2 * 2 * n_layer * seq_len * n_head * head_dim forward, x3 with backward
+        # (Kaplan et al. 2020, table 1; PaLM appendix B).
+        cfg = self.cfg
+        # diff vs llama31: with MoE, only the active parameters do matmuls for a token
+        n_active = self.num_params(non_embedding=True, active=True)
+        return 6 * n_active + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    # -------------------------------------------------------------------------
+    # Loading and saving Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a Hugging Face directory: config.json + model.safetensors (or sharded + index)."""
+        path = Path(path)
+        cfg = Config.from_hf(json.loads((path / "config.json").read_text()), **overrides)
+        model = cls(cfg)
+        load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
+        return model
+
+    def save_pretrained(self, path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
+        save_file(ours_to_hf(self.state_dict(), self.cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def sample(logits, temperature, top_k, generator=None):
+    """logits: (B, vocab_size) -> next ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+def read_safetensors_dir(path):
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def load_state_dict_strict(model, state):
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise KeyError(
+            "checkpoint does not match the model:"
+            + (f"\n  missing keys: {missing}" if missing else "")
+            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+    model.load_state_dict(state)
+
+
+# Hugging Face Qwen 3 names -> ours (each with a ".weight"); Qwen's q/k rows are already in the
+# rotate-half layout of apply_rope, so every tensor copies across unchanged. A layer holds either
+# the dense mlp.w1/w2/w3 or the MoE's router and experts (HF_EXPERT_NAMES).
+HF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn.wq": "self_attn.q_proj",
+    "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.router": "mlp.gate",
+    "mlp.w1": "mlp.gate_proj",
+    "mlp.w2": "mlp.down_proj",
+    "mlp.w3": "mlp.up_proj",
+}
+HF_TOP_NAMES = {"tok_emb": "embed_tokens", "norm": "norm"}
+# our stacked (n_experts, out, in) expert matrix <- HF's mlp.experts.{e}.<name>.weight, one per expert
+HF_EXPERT_NAMES = {"mlp.w1": "gate_proj", "mlp.w2": "down_proj", "mlp.w3": "up_proj"}
+
+
+def hf_to_ours(hf_state, cfg):
+    # checkpoints saved from Qwen3Model have no "model." prefix; drop RoPE tables (ours come from cfg)
+    hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    out = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        if f"{theirs}.weight" in hf:
+            out[f"{ours}.weight"] = hf.pop(f"{theirs}.weight")
+    for i in range(cfg.n_layer):
+        for ours, theirs in HF_LAYER_NAMES.items():
+            if f"layers.{i}.{theirs}.weight" in hf:
+                out[f"layers.{i}.{ours}.weight"] = hf.pop(f"layers.{i}.{theirs}.weight")
+        # diff vs llama31: stack the experts. Published checkpoints (and transformers' save_pretrained)
+        # hold one matrix per expert; transformers >= 5 keeps them fused in memory, gate and up
+        # concatenated as gate_up_proj (n_experts, 2 * hidden, n_embd), and down_proj
+        b = f"layers.{i}.mlp.experts."
+        for ours, theirs in HF_EXPERT_NAMES.items():
+            keys = [f"{b}{e}.{theirs}.weight" for e in range(cfg.n_experts)]
+            if keys and all(k in hf for k in keys):
+                out[f"layers.{i}.{ours}"] = torch.stack([hf.pop(k) for k in keys])  # (n_experts, out, in)
+        if b + "gate_up_proj" in hf:
+            out[f"layers.{i}.mlp.w1"], out[f"layers.{i}.mlp.w3"] = hf.pop(b + "gate_up_proj").chunk(2, dim=1)
+        if b + "down_proj" in hf:
+            out[f"layers.{i}.mlp.w2"] = hf.pop(b + "down_proj")
+    if "lm_head.weight" in hf:
+        lm_head = hf.pop("lm_head.weight")
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = lm_head
+    if cfg.tie_embeddings and "tok_emb.weight" in out:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
+    return out
+
+
+def ours_to_hf(state, cfg):
+    hf = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        hf[f"model.{theirs}.weight"] = state[f"{ours}.weight"]
+    for i in range(cfg.n_layer):
+        a, b = f"layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in HF_LAYER_NAMES.items():
+            if a + ours + ".weight" in state:  # diff vs llama31: a layer is dense or MoE
+                hf[b + theirs + ".weight"] = state[a + ours + ".weight"]
+        for ours, theirs in HF_EXPERT_NAMES.items():  # diff vs llama31: one matrix per expert, as published
+            if a + ours in state:
+                for e, w in enumerate(state[a + ours]):
+                    hf[f"{b}mlp.experts.{e}.{theirs}.weight"] = w
+    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to embed_tokens on load
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.detach().contiguous() for k, v in hf.items()}
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":  # smoke check: python qwen3/model.py
+    for preset in ("tiny", "tiny_moe"):
+        torch.manual_seed(0)
+        model = Transformer(Config.from_preset(preset))
+        idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+        logits, loss = model(idx, idx)
+        print(f"{preset} Qwen 3: {model.num_params():,} params ({model.num_params(active=True):,} active), "
+              f"logits {tuple(logits.shape)}, loss {loss.item():.3f} (ln vocab = {math.log(model.cfg.vocab_size):.3f})")
+        print("generated ids:", model.generate(idx[:1, :4], 8, temperature=0).tolist())

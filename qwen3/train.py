@@ -1,0 +1,499 @@
+"""Pretrain Qwen 3, dense or MoE, on one CPU, one GPU, or many GPUs with DDP or FSDP2 — the same file for all.
+
+    python qwen3/train.py                                   # tiny dense model, bundled Shakespeare, CPU, ~1 min
+    python qwen3/train.py --preset tiny_moe                 # tiny MoE: 8 experts, 2 per token
+    python qwen3/train.py --preset qwen3_0_6b --data-dir data/fineweb10B              # 0.6B on one GPU
+    torchrun --nproc_per_node 8 qwen3/train.py --preset qwen3_30b_a3b --parallel fsdp --data-dir data/fineweb10B
+    python qwen3/train.py --generate --prompt "ROMEO:"      # sample from the last checkpoint
+
+Sections, in the same order in every model's train.py: arguments, distributed set-up, model and
+wrapping, optimizer and schedule, data, checkpointing, the loop, a final sample.
+Changes from llama31/train.py: MoE models log their load-balancing loss and expert load (`MoEStats`).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from qwen3.model import Config, Router, Transformer, load_balancing_loss
+from shared.data import DataLoader, default_corpus
+from shared.tokenizer import load_tokenizer
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36),
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=Config.PRESETS, help="model size")
+    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a Config field of the preset, e.g. --set n_layer=2 (repeatable)")
+    m.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face checkpoint directory instead")
+    m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass to save memory")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", help="directory of *_train_*.bin / *_val_*.bin token shards "
+                   "(default: the bundled Shakespeare, prepared into data/shakespeare on first use)")
+    d.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a directory/file with tokenizer.json (for samples)")
+    d.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's block_size)")
+    d.add_argument("--total-batch-tokens", type=int,
+                   help="tokens per optimizer step over all processes; reached by gradient accumulation "
+                        "(default: one micro-batch per process)")
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    o.add_argument("--warmup-steps", type=int, default=20)
+    o.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"),
+                   help="cosine decay, or warmup-stable-decay (linear decay over the last --decay-frac)")
+    o.add_argument("--decay-frac", type=float, default=0.2, help="wsd: fraction of steps spent decaying")
+    o.add_argument("--weight-decay", type=float, default=0.1, help="applied to matrices only, not norms or biases")
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.95)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 disables)")
+    r = p.add_argument_group("run")
+    r.add_argument("--max-steps", type=int, default=150, help="optimizer steps (sets the LR schedule's length)")
+    r.add_argument("--stop-after", type=int, help="end this run after N steps, checkpointed, to --resume later "
+                   "(splits a run across time-limited jobs without changing the schedule)")
+    r.add_argument("--eval-every", type=int, default=50, help="steps between validation runs (0: only at the end)")
+    r.add_argument("--eval-steps", type=int, default=10, help="validation batches per run")
+    r.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    r.add_argument("--seed", type=int, default=1337)
+    r.add_argument("--out-dir", default=str(Path("out") / Path(__file__).parent.name),  # out/<model>
+                   help="checkpoints and metrics.jsonl go here")
+    r.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    r.add_argument("--parallel", default="none", choices=("none", "ddp", "fsdp"),
+                   help="data parallelism under torchrun: DDP replicates the model, FSDP2 shards it")
+    r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda'")
+    r.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype; auto = bfloat16 mixed precision on GPU, float32 on CPU")
+    r.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: known GPUs; none on CPU)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--generate", action="store_true", help="only sample from the checkpoint (or --init-from)")
+    s.add_argument("--prompt", default="\n", help="text the sample starts from")
+    s.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample at the end (0: none)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.resume and args.init_from:
+        p.error("--resume and --init-from are exclusive: a checkpoint already holds the weights")
+    return args
+
+
+def config_from_args(args):
+    if args.init_from:
+        return Config.from_hf(json.loads((Path(args.init_from) / "config.json").read_text()))
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        try:
+            overrides[name] = parse_field(types[name], value)
+        except ValueError:
+            raise SystemExit(f"--set {item!r}: {value!r} is not a valid {types[name]}") from None
+    return Config.from_preset(args.preset, **overrides)
+
+
+def parse_field(field_type, value: str):
+    """Parse a command-line string as a Config field's type (int, float, bool, str, or X | None)."""
+    options = typing.get_args(field_type) or (field_type,)
+    if type(None) in options and value.lower() == "none":
+        return None
+    base = next(t for t in options if t is not type(None))
+    if base is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    return base(value)
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; otherwise this is one process
+
+
+def setup_distributed(args):
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.parallel == "none" and world_size > 1:
+        raise SystemExit(f"launched with {world_size} processes: pass --parallel ddp or --parallel fsdp")
+    if args.parallel != "none" and "RANK" not in os.environ:
+        raise SystemExit(f"--parallel {args.parallel} needs torchrun, e.g. torchrun --nproc_per_node 2 {sys.argv[0]} ...")
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def all_mean(x: torch.Tensor):
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.device.type == "cuda" else dist.ReduceOp.SUM)
+        if x.device.type != "cuda":  # gloo has no AVG
+            x /= dist.get_world_size()
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Model and wrapping
+
+
+def build_model(args, cfg, device, compute_dtype):
+    model = Transformer.from_pretrained(args.init_from) if args.init_from else Transformer(cfg)
+    model.to(device)
+    if args.activation_checkpointing:
+        for block in model.layers:  # keeps parameter names unchanged, unlike a wrapper module
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if args.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif args.parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # params stored in fp32 and gathered in the compute dtype; gradients reduced in fp32
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        wrapped = fully_shard(model, mp_policy=mp)
+    else:
+        wrapped = model
+    if args.compile:
+        wrapped = torch.compile(wrapped)
+    return model, wrapped  # model: the plain module, for state dicts and generation
+
+
+def set_gradient_sync(wrapped, args, enabled):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    module = getattr(wrapped, "_orig_mod", wrapped)
+    if args.parallel == "ddp":
+        module.require_backward_grad_sync = enabled
+    elif args.parallel == "fsdp":
+        module.set_requires_gradient_sync(enabled)
+
+
+class MoEStats:
+    """Expert load and load-balancing loss of the training forwards, read by forward hooks on the
+    Router modules, so the model holds no extra state and DDP, FSDP and torch.compile wrap it
+    unchanged (the hooks sit on the inner modules). Evaluation and sampling (eval mode) are not
+    counted. Recomputation under --activation-checkpointing repeats identical routing, which leaves
+    both figures unchanged."""
+
+    def __init__(self, model, device):
+        self.routers = {m: i for i, m in enumerate(m for m in model.modules() if isinstance(m, Router))}
+        self.n_experts = model.cfg.n_experts
+        for router in self.routers:
+            router.register_forward_hook(self.record)
+        self.load = torch.zeros(len(self.routers), self.n_experts, device=device)  # (MoE layers, n_experts)
+        self.reset()
+
+    def reset(self):
+        self.load.zero_()  # tokens each expert received, per MoE layer, since the last summary
+        self.aux_sum, self.forwards, self.pending = 0.0, 0, []
+
+    def record(self, router, inputs, output):
+        if not router.training:
+            return
+        _, experts, logits = output  # (N, k) expert ids, (N, n_experts)
+        self.load[self.routers[router]] += torch.bincount(experts.flatten(), minlength=self.n_experts)
+        self.pending.append(logits.detach())
+        if len(self.pending) == len(self.routers):  # every MoE layer of one forward: the loss the model adds
+            self.aux_sum += load_balancing_loss(self.pending, router.top_k)
+            self.forwards, self.pending = self.forwards + 1, []
+
+    def summary(self):
+        """Mean balancing loss, and max/mean tokens per expert of the most unbalanced layer (1.0 is
+        even), over all ranks since the last summary."""
+        aux = all_mean(torch.as_tensor(self.aux_sum / max(1, self.forwards), device=self.load.device).float())
+        load = all_mean(self.load.clone())
+        imbalance = (load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9)).max()
+        self.reset()
+        return aux.item(), imbalance.item()
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
+def make_optimizer(model, args, device):
+    # decay matrices (embeddings, linear weights); not biases or norm gains
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    min_lr = args.lr * args.min_lr_ratio
+    if args.schedule == "cosine":
+        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = int(args.max_steps * (1 - args.decay_frac))  # wsd: stable, then linear decay
+    if step < decay_start:
+        return args.lr
+    return args.lr + (min_lr - args.lr) * (step - decay_start) / max(1, args.max_steps - decay_start)
+
+
+# -----------------------------------------------------------------------------
+# Checkpointing: atomic; FSDP through torch.distributed.checkpoint so it can reshard on resume
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(path, model, optimizer, meta, args, rank):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if args.parallel == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        tmp = path.with_name(path.name + ".tmp")
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        dist.barrier()
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        if rank == 0:
+            torch.save(meta, tmp / "meta.pt")
+            replace_dir(tmp, path)
+        dist.barrier()
+    elif rank == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save({"model": model_state, "optim": optim_state, "meta": meta}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def replace_dir(new, old):
+    """Swap directory `new` into place of `old`; the old one is removed only after the swap."""
+    trash = old.with_name(old.name + ".old")
+    if old.exists():
+        os.replace(old, trash)
+    os.replace(new, old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_checkpoint(path, model, optimizer, args):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if args.parallel == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=path)  # in place, resharded to this world size
+        meta = torch.load(path / "meta.pt", weights_only=True)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle code execution
+        meta = state["meta"]
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return meta
+
+
+def checkpoint_path(args):
+    return Path(args.out_dir) / ("ckpt_dcp" if args.parallel == "fsdp" else "ckpt.pt")
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+
+def evaluate(wrapped, loader, args, device, autocast):
+    wrapped.eval()
+    loader.reset()  # the same validation batches every time, so evaluations compare
+    total = torch.zeros((), device=device)
+    with torch.no_grad(), autocast:
+        for _ in range(args.eval_steps):
+            x, y = loader.next_batch()
+            total += wrapped(x.to(device), y.to(device))[1].float()
+    wrapped.train()
+    return all_mean(total / args.eval_steps).item()
+
+
+def peak_flops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type == "cuda":  # dense bf16 tensor-core peaks
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("4090", 165)):
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    compute_dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    # FSDP casts through its mixed-precision policy; elsewhere autocast does
+    use_autocast = compute_dtype != torch.float32 and args.parallel != "fsdp"
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast)
+
+    cfg = config_from_args(args)
+    if args.seq_len > cfg.block_size:
+        raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's block_size {cfg.block_size}")
+    model, wrapped = build_model(args, cfg, device, compute_dtype)
+    optimizer = make_optimizer(model, args, device)
+    tokenizer = load_tokenizer(args.tokenizer)
+    out_dir, ckpt = Path(args.out_dir), checkpoint_path(args)
+
+    step, resumed = 0, None
+    if args.resume or (args.generate and not args.init_from):
+        if not ckpt.exists():
+            raise SystemExit(f"no checkpoint at {ckpt} to {'resume' if args.resume else 'sample'} from")
+        resumed = load_checkpoint(ckpt, model, optimizer, args)
+        step = resumed["step"]
+        torch.set_rng_state(resumed["rng"]["cpu"])
+        if "cuda" in resumed["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"], device)
+        log(f"loaded {ckpt} at step {step}")
+    if args.generate:
+        print_sample(model, tokenizer, args, device, autocast, log)
+        return []
+
+    # data: every process reads its own stride of the same stream
+    data_dir = args.data_dir
+    if data_dir is None:  # rank 0 tokenizes the bundled corpus once; the others wait for it
+        if not is_main:
+            dist.barrier()
+        data_dir = default_corpus()
+        if is_main and dist.is_initialized():
+            dist.barrier()
+    train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size)
+    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len, rank, world_size)
+    if resumed:
+        train_loader.load_state_dict(resumed["loader"])
+    tokens_per_micro = args.batch_size * args.seq_len * world_size
+    total_batch = args.total_batch_tokens or tokens_per_micro
+    if total_batch % tokens_per_micro:
+        raise SystemExit(f"--total-batch-tokens {total_batch} is not a multiple of batch-size x seq-len x "
+                         f"processes = {tokens_per_micro}")
+    accum = total_batch // tokens_per_micro
+    flops_per_step = model.flops_per_token(args.seq_len) * total_batch
+    peak = peak_flops(args, device)
+    moe_stats = MoEStats(model, device) if any(map(cfg.is_moe_layer, range(cfg.n_layer))) else None
+    log(f"{model.num_params():,} parameters ({model.num_params(active=True):,} active per token) | "
+        f"{world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
+        f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    history = []
+
+    def record(**row):
+        history.append(row)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    def checkpoint_now():
+        meta = {"step": step, "rng": rng_state(device), "loader": train_loader.state_dict(),
+                "config": dataclasses.asdict(cfg)}
+        save_checkpoint(ckpt, model, optimizer, meta, args, rank)
+        log(f"saved checkpoint {ckpt} at step {step}")
+
+    last_step = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
+    t0, last_logged = time.perf_counter(), step
+    while step < last_step:
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = train_loader.next_batch()
+            set_gradient_sync(wrapped, args, enabled=micro == accum - 1)
+            with autocast:
+                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / accum).backward()  # accumulated gradients = gradient of the mean loss
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+        train_loss = all_mean(loss_sum / accum).item()
+        if not math.isfinite(train_loss):
+            last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+            raise SystemExit(f"loss is {train_loss} at step {step}: stopping without updating; {last}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            tokens_per_s = total_batch * (step - last_logged) / (time.perf_counter() - t0)
+            mfu = flops_per_step / total_batch * tokens_per_s / peak if peak else None
+            moe = ""
+            if moe_stats:  # the loss above includes router_aux_loss_coef * aux
+                aux, imbalance = moe_stats.summary()
+                moe = f" | aux {aux:.4f} | expert load max/mean {imbalance:.2f}"
+                record(step=step, aux_loss=aux, expert_load_max_over_mean=imbalance)
+            log(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
+                f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + moe)
+            t0, last_logged = time.perf_counter(), step
+        record(step=step, loss=train_loss, lr=lr)
+        if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
+            val_loss = evaluate(wrapped, val_loader, args, device, autocast)
+            log(f"step {step:5d} | val loss {val_loss:.4f}")
+            record(step=step, val_loss=val_loss)
+        if (args.ckpt_every and step % args.ckpt_every == 0) or step == last_step:
+            checkpoint_now()
+
+    if args.sample_tokens:
+        print_sample(model, tokenizer, args, device, autocast, log)
+    if metrics:
+        metrics.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return history
+
+
+# -----------------------------------------------------------------------------
+# Sample
+
+
+def print_sample(model, tokenizer, args, device, autocast, log):
+    # every process samples (FSDP needs all ranks in each forward); the same seed on every
+    # rank gives the same text, which rank 0 prints
+    prompt = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
+    idx = torch.tensor([prompt], device=device)
+    n = min(args.sample_tokens, model.cfg.block_size - idx.size(1))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    model.eval()
+    with autocast:
+        out = model.generate(idx, n, temperature=args.temperature, top_k=args.top_k, generator=generator)
+    log("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()) + "\n" + "-" * 80)
+
+
+if __name__ == "__main__":
+    main()
