@@ -41,6 +41,7 @@ QUICK = dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64, int
 MODELS = {
     "gpt2": BenchModel("gpt2", "GPT2LMHeadModel", config=CPU, quick=QUICK),
     "llama31": BenchModel("llama31", "LlamaForCausalLM", config=CPU, quick=dict(QUICK, n_kv_heads=2)),
+    "qwen3": BenchModel("qwen3", "Qwen3ForCausalLM", config=CPU, quick=dict(QUICK, n_kv_heads=2)),
 }
 
 

@@ -334,17 +334,19 @@ def causal_attention(q, k, v, pos, impl):
     attention each key/value head serves n_head // n_kv_heads query heads.
     """
     T, S = q.size(2), k.size(2)
-    if k.size(1) != q.size(1):
+    gqa = k.size(1) != q.size(1)
+    if impl == "sdpa" and T == S:  # no cache prefix: the fused kernel builds the causal mask itself
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # query i (at position pos + i) sees keys 0 .. pos + i; one new token sees every key: no mask
+    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if impl == "sdpa":  # the kernel shares k/v heads itself, without copying the cache
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if gqa:
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, n_head, S, head_dim)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
-    # query i (at position pos + i) sees keys 0 .. pos + i
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if impl == "sdpa":
-        if T == S:  # no cache prefix: the fused kernel builds the causal mask itself
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, n_head, T, S)
-    att = att.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)
     return att @ v  # (B, n_head, T, head_dim)
 
@@ -638,11 +640,12 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len):
         # 6N for the matmuls (forward 2N + backward 4N) plus attention's q k^T and att v:
         # 2 * 2 * n_layer * seq_len * n_head * head_dim forward, x3 with backward
-        # (Kaplan et al. 2020, table 1; PaLM appendix B).
+        # (Kaplan et al. 2020, table 1; PaLM appendix B). The output projection is a matmul even
+        # when it shares its matrix with the embedding lookup, so a tied lm_head counts too.
         cfg = self.cfg
         # diff vs llama31: with MoE, only the active parameters do matmuls for a token
-        n_active = self.num_params(non_embedding=True, active=True)
-        return 6 * n_active + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+        n_matmul = self.num_params(non_embedding=True, active=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # -------------------------------------------------------------------------
     # Loading and saving Hugging Face checkpoints

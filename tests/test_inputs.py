@@ -83,28 +83,33 @@ def test_wrong_index_dtype_or_shape(spec):
         model(torch.zeros(3, dtype=torch.long))
 
 
+def saved_with_config_change(spec, path, change):
+    """Save spec's small model to path, then edit its config.json with change(config)."""
+    spec.build().save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    change(config, next(k for k in ("n_layer", "num_hidden_layers") if k in config))
+    (path / "config.json").write_text(json.dumps(config))
+    return config
+
+
 @models
-def test_checkpoint_with_mismatched_keys(spec, tmp_path):
-    model = spec.build()
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    layers_key = next(k for k in ("n_layer", "num_hidden_layers") if k in config)
-    config[layers_key] += 1  # the weights now lack a whole layer
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(KeyError, match=rf"missing keys: \['layers\.{config[layers_key] - 1}\."):
+def test_checkpoint_with_missing_keys(spec, tmp_path):
+    config = saved_with_config_change(spec, tmp_path, lambda c, layers: c.update({layers: c[layers] + 1}))
+    last_layer = config.get("n_layer", config.get("num_hidden_layers")) - 1  # its weights are not in the file
+    with pytest.raises(KeyError, match=rf"missing keys: \['layers\.{last_layer}\."):
         spec.model.Transformer.from_pretrained(tmp_path)
-    config[layers_key] -= 2  # and now the checkpoint has a layer too many
-    (tmp_path / "config.json").write_text(json.dumps(config))
+
+
+@models
+def test_checkpoint_with_unexpected_keys(spec, tmp_path):
+    saved_with_config_change(spec, tmp_path, lambda c, layers: c.update({layers: c[layers] - 1}))
     with pytest.raises(KeyError, match="unexpected keys"):
         spec.model.Transformer.from_pretrained(tmp_path)
 
 
 @models
 def test_checkpoint_with_mismatched_shapes(spec, tmp_path):
-    spec.build().save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["vocab_size"] += 1
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    saved_with_config_change(spec, tmp_path, lambda c, _: c.update(vocab_size=c["vocab_size"] + 1))
     with pytest.raises(KeyError, match="shape mismatches: .*tok_emb.weight"):
         spec.model.Transformer.from_pretrained(tmp_path)
 
@@ -116,3 +121,18 @@ def test_directory_without_weights(spec, tmp_path):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors files"):
         spec.model.Transformer.from_pretrained(tmp_path)
+
+
+def test_llama_config_in_the_older_spelling_maps_to_the_preset():
+    """Meta's published config.json (and transformers < 5) put rope_theta beside a rope_scaling dict."""
+    from llama31.model import Config
+
+    published_8b = {
+        "vocab_size": 128256, "max_position_embeddings": 131072, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    }
+    assert Config.from_hf(published_8b) == Config.llama31_8b()
+    assert Config.from_hf(Config.llama31_8b().to_hf()) == Config.llama31_8b()

@@ -1,0 +1,92 @@
+"""Training throughput of our model against its Hugging Face twin: tokens per second of a full
+step (forward, cross-entropy, backward, AdamW) with identical weights on identical batches.
+
+    uv run python -m bench.train_throughput                  # GPT-2 tiny preset, fp32 CPU, ~20 s
+    uv run python -m bench.train_throughput --model llama31
+    uv run python -m bench.train_throughput --quick          # a few-second smoke run
+
+The twin is loaded from our save_pretrained checkpoint, so the first step's losses agree (the
+script prints both). Both sides use PyTorch's scaled_dot_product_attention (transformers'
+"sdpa" attention; --hf-attn eager for its explicit softmax) and the same F.cross_entropy on the
+logits, so the comparison is of the model code around the same kernels. Steps alternate
+ours / theirs and the medians are compared; nothing here is asserted.
+"""
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import MODELS, add_common_args, build_ours, hf_twin, interleaved, quartiles, report_ratio, setup
+
+TARGET = 1.2  # the speed-up over transformers we aim for on CPU
+
+
+def make_step(model, batches, loss_fn, lr):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    batch = itertools.cycle(batches)
+
+    def step():
+        x, y = next(batch)
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def ours_loss(model, x, y):
+    return model(x, y)[1]
+
+
+def hf_loss(model, x, y):
+    # our loss, not transformers' (which shifts labels by one itself): the same work on both sides
+    logits = model(input_ids=x).logits  # (B, T, vocab_size)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per model (after one warm-up step)")
+    parser.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.seq_len, args.repeats = 2, 32, 3
+    device = setup(args)
+
+    spec = MODELS[args.model]
+    ours = build_ours(args).to(device).train()
+    theirs = hf_twin(ours, spec.hf_class, args.hf_attn).train()
+    cfg = ours.cfg
+    g = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(0, cfg.vocab_size, (2, args.batch_size, args.seq_len), generator=g).to(device)
+               for _ in range(4)]  # (x, y) pairs, reused cyclically by both models
+
+    steps = {"ours": make_step(ours, batches, ours_loss, args.lr), "HF": make_step(theirs, batches, hf_loss, args.lr)}
+    first = {name: step().item() for name, step in steps.items()}  # also the warm-up
+    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+    print(f"{args.model}: {ours.num_params():,} params ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
+          f"vocab {cfg.vocab_size}), batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{next(ours.parameters()).dtype} {device.type}{threads}; HF attention: {args.hf_attn}")
+    print(f"first-step loss: ours {first['ours']:.5f}, HF {first['HF']:.5f} "
+          f"(|diff| {abs(first['ours'] - first['HF']):.1e}; same weights, same batch)")
+
+    times = interleaved(steps, args.repeats, warmup=1, device=device)
+    tokens = args.batch_size * args.seq_len
+    print(f"forward + backward + AdamW, median of {args.repeats} interleaved steps:")
+    for name, ts in times.items():
+        q1, med, q3 = quartiles(ts)
+        print(f"  {name:<5} {tokens / med:>10,.0f} tokens/s   {1e3 * med:8.1f} ms/step "
+              f"(p25 {1e3 * q1:.1f} .. p75 {1e3 * q3:.1f})")
+    return report_ratio("train tokens/s ours / HF", times["ours"], times["HF"], TARGET)
+
+
+if __name__ == "__main__":
+    main()
