@@ -51,13 +51,13 @@ def parse_args(argv=None):
     d.add_argument("--data-dir", help="directory of *_train_*.bin / *_val_*.bin token shards "
                    "(default: the bundled Shakespeare, prepared into data/shakespeare on first use)")
     d.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a directory/file with tokenizer.json (for samples)")
-    d.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
-    d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's block_size)")
+    d.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
+    d.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (at most the model's block_size)")
     d.add_argument("--total-batch-tokens", type=int,
                    help="tokens per optimizer step over all processes; reached by gradient accumulation "
                         "(default: one micro-batch per process)")
     o = p.add_argument_group("optimizer")
-    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    o.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (the default suits the tiny preset)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     o.add_argument("--warmup-steps", type=int, default=20)
     o.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"),
@@ -68,12 +68,12 @@ def parse_args(argv=None):
     o.add_argument("--beta2", type=float, default=0.95)
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 disables)")
     r = p.add_argument_group("run")
-    r.add_argument("--max-steps", type=int, default=150, help="optimizer steps (sets the LR schedule's length)")
+    r.add_argument("--max-steps", type=int, default=250, help="optimizer steps (sets the LR schedule's length)")
     r.add_argument("--stop-after", type=int, help="end this run after N steps, checkpointed, to --resume later "
                    "(splits a run across time-limited jobs without changing the schedule)")
     r.add_argument("--eval-every", type=int, default=50, help="steps between validation runs (0: only at the end)")
     r.add_argument("--eval-steps", type=int, default=10, help="validation batches per run")
-    r.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    r.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     r.add_argument("--seed", type=int, default=1337)
     r.add_argument("--out-dir", default=str(Path("out") / Path(__file__).parent.name),  # out/<model>
                    help="checkpoints and metrics.jsonl go here")
