@@ -142,11 +142,6 @@ def main(argv=None):
     nominal, label = nominal_peak(args, device)
     if nominal:
         print(f"MFU: {100 * achieved / nominal:.1f}% of the nominal peak ({label})")
-    if cfg.tie_embeddings:
-        # flops_per_token leaves out the embedding matrix; tied, it is also lm_head, a real matmul
-        lm_head = 6 * ours.lm_head.weight.numel()
-        print(f"  (counting the tied lm_head's matmul too, {(fpt + lm_head) / 1e6:,.2f} MFLOP/token: "
-              f"MFU {100 * achieved * (fpt + lm_head) / fpt / peak:.1f}% of the measured peak)")
     return achieved / peak
 
 

@@ -22,7 +22,7 @@ Changes from llama31/model.py:
 
 Not here: Qwen 3's "global-batch" balancing (Qiu et al., 2025), which pools expert counts over
 all data-parallel ranks and micro-batches (this loss pools over the layers of one micro-batch, as
-transformers does); YaRN for contexts beyond 32K (posttrain/yarn.py); sliding-window attention
+transformers does); YaRN for contexts beyond 32K; sliding-window attention
 (off in every released Qwen 3).
 """
 
