@@ -208,14 +208,14 @@ def make_optimizer(model, args, device):
 def lr_at(step, args):
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    min_lr = args.lr * args.min_lr_ratio
+    min_lr, last = args.lr * args.min_lr_ratio, args.max_steps - 1  # the last step runs at min_lr
     if args.schedule == "cosine":
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        progress = (step - args.warmup_steps) / max(1, last - args.warmup_steps)
         return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay_start = int(args.max_steps * (1 - args.decay_frac))  # wsd: stable, then linear decay
     if step < decay_start:
         return args.lr
-    return args.lr + (min_lr - args.lr) * (step - decay_start) / max(1, args.max_steps - decay_start)
+    return args.lr + (min_lr - args.lr) * min(1.0, (step - decay_start) / max(1, last - decay_start))
 
 
 # -----------------------------------------------------------------------------

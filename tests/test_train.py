@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from registry import MODELS
+from shared.data import DataLoader
 from train_helpers import ROOT, losses, run_in_process, train_args
 
 models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
@@ -80,3 +81,58 @@ def test_bad_override_is_a_clear_error(toy_data, tmp_path):
         run_in_process(spec, *train_args(spec, toy_data, tmp_path), "--set", "n_layers=2")
     with pytest.raises(SystemExit, match="'two' is not a valid"):
         run_in_process(spec, *train_args(spec, toy_data, tmp_path), "--set", "n_layer=two")
+
+
+@models
+def test_activation_checkpointing_changes_memory_not_results(spec, toy_data, tmp_path):
+    plain = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "plain", "--max-steps", 3))
+    recomputed = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "ckpt", "--max-steps", 3),
+                                "--activation-checkpointing")
+    assert losses(recomputed) == pytest.approx(losses(plain), abs=1e-6)
+    state = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=True)["model"]
+    assert set(state) == set(torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)["model"])
+
+
+def test_init_from_a_hugging_face_directory(toy_data, tmp_path):
+    """--init-from starts training from save_pretrained's (= Hugging Face's) format."""
+    spec = MODELS[0]
+    pretrained = spec.build(seed=7)
+    pretrained.save_pretrained(tmp_path / "hf")
+    args = train_args(spec, toy_data, tmp_path / "run", "--max-steps", 1)
+    args = [a for a in args if not a.startswith("--set=")]  # the architecture comes from config.json
+    rows = run_in_process(spec, *args, "--init-from", tmp_path / "hf")
+    loader = DataLoader(toy_data, "train", batch_size=4, seq_len=16)
+    with torch.no_grad():
+        expected = pretrained(*loader.next_batch())[1].item()
+    assert losses(rows)[0] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_schedules(schedule):
+    from gpt2.train import lr_at, parse_args
+
+    args = parse_args(["--lr", "1.0", "--min-lr-ratio", "0.1", "--warmup-steps", "10", "--max-steps", "100",
+                       "--schedule", schedule, "--decay-frac", "0.2"])
+    lrs = [lr_at(step, args) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # never rises after warmup
+    assert lrs[-1] == pytest.approx(0.1)  # the last step runs at min_lr
+    if schedule == "wsd":
+        assert lrs[10:80] == [1.0] * 70  # stable until the last 20% of steps
+
+
+@models
+def test_bf16_mixed_precision_tracks_fp32(spec, toy_data, tmp_path):
+    """--dtype bfloat16 runs the model under autocast (the GPU default; CPU autocast here)."""
+    fp32 = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "fp32", "--max-steps", 3))
+    bf16 = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "bf16", "--max-steps", 3), "--dtype", "bfloat16")
+    assert losses(bf16) == pytest.approx(losses(fp32), abs=2e-2)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_names(toy_data, tmp_path):
+    spec = MODELS[0]  # torch.compile takes ~30 s on CPU: one model stands for the shared train.py code
+    eager = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "eager", "--max-steps", 3))
+    compiled = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "compiled", "--max-steps", 3), "--compile")
+    assert losses(compiled) == pytest.approx(losses(eager), abs=1e-4)
+    state = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"]
+    assert set(state) == set(spec.build().state_dict())  # no "_orig_mod." prefix
