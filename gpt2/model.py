@@ -285,22 +285,24 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or cfg.block_size
         return [KVCache(batch_size, max_seq_len, cfg.n_head, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
         if idx.size(1) + max_new_tokens > self.cfg.block_size:
             raise ValueError(
                 f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds block_size={self.cfg.block_size}"
             )
-        cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
-        logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
-        out = [idx]
-        for step in range(max_new_tokens):
-            next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
-            out.append(next_id)
-            if step + 1 < max_new_tokens:
-                logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
-        return torch.cat(out, dim=1)
+        # inference_mode, not no_grad: it also skips autograd's version counters and view tracking,
+        # a per-op cost that dominates decoding small models one token at a time
+        with torch.inference_mode():
+            cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
+            logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
+            out = [idx]
+            for step in range(max_new_tokens):
+                next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+                out.append(next_id)
+                if step + 1 < max_new_tokens:
+                    logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
+        return torch.cat(out, dim=1)  # outside inference_mode: an ordinary tensor, fine to train on (RL)
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once

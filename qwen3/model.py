@@ -292,12 +292,11 @@ def precompute_rope(cfg: Config):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin, pos):
-    """Rotate x: (B, n_heads, T, head_dim) at positions pos .. pos+T-1 by RoFormer eq. 34,
-    x * cos + rotate_half(x) * sin, pairing dim i with i + head_dim/2 rather than the paper's
-    neighbours 2i, 2i+1: the layout of Hugging Face's Llama weights, so they load unpermuted."""
-    T = x.size(2)
-    cos, sin = cos[pos : pos + T].to(x.dtype), sin[pos : pos + T].to(x.dtype)  # (T, head_dim)
+def apply_rope(x, cos, sin):
+    """Rotate x: (B, n_heads, T, head_dim) by RoFormer eq. 34, x * cos + rotate_half(x) * sin, with
+    cos, sin: (T, head_dim) the rows of x's positions. Dim i pairs with i + head_dim/2 rather than
+    the paper's neighbours 2i, 2i+1: the layout of Hugging Face's Llama weights, so they load unpermuted."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # a no-op unless autocast made x lower precision
     x1, x2 = x.chunk(2, dim=-1)  # (B, n_heads, T, head_dim/2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -370,7 +369,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.wq(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = self.k_norm(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, n_kv, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)  # rotate before caching
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # rotate before caching
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, n_kv_heads, pos+T, head_dim)
         y = causal_attention(q, k, v, pos, self.attn_impl)  # (B, n_head, T, head_dim)
@@ -490,9 +489,10 @@ class MoE(nn.Module):
         # index_select is x[...] for one index tensor, several times faster on CPU
         h = x.index_select(0, order // k)  # (N*k, D): pair p belongs to token p // k
         h = grouped_mm(F.silu(grouped_mm(h, self.w1, offs)) * grouped_mm(h, self.w3, offs), self.w2, offs)
-        h = h * weights.flatten()[order, None]  # (N*k, D) weighted by the router
-        h = h.index_select(0, order.argsort())  # back to (token, pick) order: argsort inverts a permutation
-        return h.view(N, k, -1).sum(dim=1)  # (N, D): a sum, not index_add_, so CUDA is deterministic
+        # back to (token, pick) order with the inverse permutation, a scatter (cheaper than argsort)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
+        h = h.index_select(0, inverse).view(N, k, -1)  # (N, k, D)
+        return (h * weights.unsqueeze(-1)).sum(dim=1)  # (N, D): a sum, not index_add_, so CUDA is deterministic
 
 
 def load_balancing_loss(router_logits, top_k):
@@ -584,9 +584,11 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
         self.check_input(idx, pos)
         x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
+        T = idx.size(1)
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, head_dim), sliced once for all layers
         router_logits = []  # diff vs llama31: one (B*T, n_experts) per MoE layer
         for i, layer in enumerate(self.layers):
-            x, layer_router_logits = layer(x, self.rope_cos, self.rope_sin, None if cache is None else cache[i], pos)
+            x, layer_router_logits = layer(x, cos, sin, None if cache is None else cache[i], pos)
             if layer_router_logits is not None:
                 router_logits.append(layer_router_logits)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
@@ -607,22 +609,24 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or cfg.block_size
         return [KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
         if idx.size(1) + max_new_tokens > self.cfg.block_size:
             raise ValueError(
                 f"prompt of {idx.size(1)} tokens + {max_new_tokens} new tokens exceeds block_size={self.cfg.block_size}"
             )
-        cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
-        logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
-        out = [idx]
-        for step in range(max_new_tokens):
-            next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
-            out.append(next_id)
-            if step + 1 < max_new_tokens:
-                logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
-        return torch.cat(out, dim=1)
+        # inference_mode, not no_grad: it also skips autograd's version counters and view tracking,
+        # a per-op cost that dominates decoding small models one token at a time
+        with torch.inference_mode():
+            cache = self.make_cache(idx.size(0), idx.size(1) + max_new_tokens)
+            logits, _ = self(idx, cache=cache, pos=0)  # prefill the whole prompt at once
+            out = [idx]
+            for step in range(max_new_tokens):
+                next_id = sample(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+                out.append(next_id)
+                if step + 1 < max_new_tokens:
+                    logits, _ = self(next_id, cache=cache, pos=idx.size(1) + step)
+        return torch.cat(out, dim=1)  # outside inference_mode: an ordinary tensor, fine to train on (RL)
 
     def num_params(self, non_embedding=False, active=False):
         n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
