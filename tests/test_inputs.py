@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from registry import MODELS
+from registry import MODELS, by_name
 
 models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
 presets = [(spec, name, count) for spec in MODELS for name, count in spec.presets.items()]
@@ -47,7 +47,7 @@ def test_invalid_attn_impl(spec):
 
 
 def test_gpt2_heads_must_divide_width():
-    spec = next(s for s in MODELS if s.name == "gpt2")
+    spec = by_name("gpt2")
     with pytest.raises(ValueError, match=r"n_embd \(32\) must be divisible by Config.n_head \(5\)"):
         spec.config(n_embd=32, n_head=5)
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen3.model import MoE, Config, Router, grouped_mm, load_balancing_loss, padded_bmm
+from registry import by_name
 
 
 def moe_config(n_embd=24, n_experts=6, top_k=2, hidden=10, **overrides):
@@ -225,8 +226,6 @@ def test_published_config_json_maps_to_the_presets():
 
 
 def test_training_loss_adds_the_balancing_loss_and_eval_loss_does_not():
-    from registry import by_name
-
     model = by_name("qwen3_moe").build(router_aux_loss_coef=0.5)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 7))
     router_logits = []
@@ -242,8 +241,6 @@ def test_training_loss_adds_the_balancing_loss_and_eval_loss_does_not():
 
 
 def test_train_py_logs_expert_load_and_balancing_loss_through_hooks():
-    from registry import by_name
-
     from qwen3.train import MoEStats
 
     model = by_name("qwen3_moe").build(router_aux_loss_coef=1.0)
@@ -260,7 +257,6 @@ def test_train_py_logs_expert_load_and_balancing_loss_through_hooks():
 
 def test_loading_accepts_the_fused_expert_tensors_of_transformers_in_memory():
     pytest.importorskip("transformers")
-    from registry import by_name
     from test_parity import hf_model, random_ids
 
     from qwen3.model import Transformer, hf_to_ours, load_state_dict_strict
@@ -278,7 +274,6 @@ def test_loading_accepts_the_fused_expert_tensors_of_transformers_in_memory():
 def test_parity_config_routes_to_every_expert_without_near_ties():
     """The parity test's random weights must exercise the routing, not a degenerate corner of it."""
     pytest.importorskip("transformers")
-    from registry import by_name
     from test_parity import hf_model, random_ids
 
     spec = by_name("qwen3_moe")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from registry import MODELS
+from registry import MODELS, by_name
 
 SETTINGS = settings(max_examples=8, deadline=None)
 models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
@@ -21,7 +21,7 @@ def model_for(spec, attn_impl="sdpa", **overrides):
 
 @functools.cache
 def _build(name, attn_impl, overrides):
-    spec = next(m for m in MODELS if m.name == name)
+    spec = by_name(name)
     return spec.build(seed=0, attn_impl=attn_impl, **dict(overrides)).eval()
 
 
