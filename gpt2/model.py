@@ -262,10 +262,10 @@ class Transformer(nn.Module):
                 f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
                 f"the model supports (block_size={self.cfg.block_size})"
             )
-        if idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = idx.min().item(), idx.max().item()
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if not torch.compiler.is_compiling():
+            outside = (idx < 0) | (idx >= self.cfg.vocab_size)
+            if outside.any():  # one host sync per forward; the details are read only on failure
+                raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
     def forward(self, idx, targets=None, *, cache=None, pos=0):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
