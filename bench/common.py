@@ -56,6 +56,12 @@ def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_comparison_args(parser: argparse.ArgumentParser, repeats: int, what: str):
+    """Arguments of the benchmarks that time our model against its transformers twin."""
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed {what} per model (after a warm-up)")
+    parser.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
+
+
 def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,8 @@ import argparse
 
 import torch
 
-from bench.common import MODELS, add_common_args, build_ours, hf_twin, interleaved, quartiles, report_ratio, setup
+from bench.common import (MODELS, add_common_args, add_comparison_args, build_ours, hf_twin, interleaved, quartiles,
+                          report_ratio, setup)
 
 TARGET = 1.5  # the decoding speed-up over transformers we aim for on CPU
 
@@ -27,8 +28,7 @@ def main(argv=None):
     add_common_args(parser)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per model (after a warm-up)")
-    parser.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
+    add_comparison_args(parser, repeats=5, what="generate calls")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt_len, args.new_tokens, args.repeats = 8, 16, 3

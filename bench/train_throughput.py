@@ -18,7 +18,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bench.common import MODELS, add_common_args, build_ours, hf_twin, interleaved, quartiles, report_ratio, setup
+from bench.common import (MODELS, add_common_args, add_comparison_args, build_ours, hf_twin, interleaved, quartiles,
+                          report_ratio, setup)
 
 TARGET = 1.2  # the speed-up over transformers we aim for on CPU
 
@@ -53,8 +54,7 @@ def main(argv=None):
     add_common_args(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per model (after one warm-up step)")
-    parser.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "eager"), help="transformers' attention")
+    add_comparison_args(parser, repeats=20, what="steps")
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args(argv)
     if args.quick:

@@ -48,12 +48,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy_data, tmp_
     spec = MODELS[0]
     args = train_args(spec, toy_data, tmp_path, "--max-steps", 10, "--ckpt-every", 1)
     run_in_process(spec, *args, "--stop-after", 2)
-    good = (tmp_path / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d+: stopping .* last good checkpoint"):
         run_in_process(spec, *args, "--resume", "--lr", "1e12", "--grad-clip", "0")
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["meta"]["step"] >= 2
-    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"].values())
-    assert len(good) > 0
+    kept = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # the last step whose loss was finite
+    assert kept["meta"]["step"] >= 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
 def test_generate_from_checkpoint(toy_data, tmp_path, capsys):
