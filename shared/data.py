@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,18 +141,71 @@ def read_documents(path: Path) -> list[str]:
     return [doc for doc in text.split(ENDOFTEXT) if doc]
 
 
-def tokenize_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
+def encode_document(doc: str, tokenizer: Tokenizer, dtype=np.uint32) -> np.ndarray:
     # Every document is preceded by eot, as in the fineweb shards, so a sequence starting at
     # a document's eot conditions on "start of document".
+    return np.array([tokenizer.eot_id, *tokenizer.encode(doc)], dtype=dtype)
+
+
+def tokenize_file(path: Path, tokenizer: Tokenizer) -> np.ndarray:
     chunks, n_tokens, chars = [], 0, 0
     for doc in read_documents(path):
-        chunks.append(np.array([tokenizer.eot_id, *tokenizer.encode(doc)], dtype=np.uint32))
+        chunks.append(encode_document(doc, tokenizer))
         n_tokens += len(chunks[-1])
         chars += len(doc)
         if chars >= PROGRESS_CHARS:  # only big files get here
             print(f"{path}: {n_tokens:,} tokens so far", file=sys.stderr)
             chars = 0
     return np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint32)
+
+
+def vocab_dtype(tokenizer: Tokenizer) -> np.dtype:
+    # One dtype for the whole dataset, from the vocabulary rather than from each shard's ids.
+    return DTYPES[VERSION_UINT16 if tokenizer.vocab_size <= 1 << 16 else VERSION_UINT32]
+
+
+def check_split(source, val_fraction: float, shard_tokens: int) -> None:
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"{source}: val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise DataError(f"{source}: shard_tokens must be positive, got {shard_tokens}")
+
+
+def write_split(
+    chunks: Iterable[np.ndarray], n_tokens: int, out_dir: Path, name: str, tokenizer: Tokenizer,
+    val_fraction: float, shard_tokens: int, source, log: Callable[[str], None] | None = None,
+) -> None:
+    """Write a token stream of known length, arriving in chunks, as {name}_train_000000.bin, ...
+    of `shard_tokens` each and {name}_val_000000.bin, the stream's last `val_fraction`.
+
+    Shards are written as soon as they fill, so memory holds one shard, not the stream.
+    """
+    n_val = round(n_tokens * val_fraction)
+    n_train = n_tokens - n_val
+    if n_train < 1 or (val_fraction > 0 and n_val < 1):
+        raise DataError(f"{source}: {n_tokens} tokens, too few for val_fraction={val_fraction}")
+    dtype = vocab_dtype(tokenizer)
+    ends = {  # shard file -> the stream position where it ends
+        f"{name}_train_{i:06d}.bin": min(start + shard_tokens, n_train)
+        for i, start in enumerate(range(0, n_train, shard_tokens))
+    }
+    if n_val:
+        ends[f"{name}_val_000000.bin"] = n_tokens
+    log = log or (lambda line: print(line, file=sys.stderr))
+    shards = iter(ends.items())
+    file, end = next(shards)
+    held, start, size = [], 0, 0  # chunks not written yet: `size` tokens from position `start`
+    for chunk in chunks:
+        held.append(chunk)
+        size += len(chunk)
+        while file is not None and start + size >= end:
+            tokens = held[0] if len(held) == 1 else np.concatenate(held)
+            write_shard(out_dir / file, tokens[: end - start], dtype=dtype)
+            log(f"wrote {out_dir / file}: {end - start:,} tokens")
+            held, size, start = [tokens[end - start :]], size - (end - start), end
+            file, end = next(shards, (None, None))
+    if file is not None or size:
+        raise DataError(f"{source}: expected {n_tokens} tokens, got {start + size}")
 
 
 def prepare(
@@ -170,29 +223,12 @@ def prepare(
     """
     input_path, out_dir = Path(input_path), Path(out_dir)
     tokenizer = tokenizer or gpt2_tokenizer()
-    name = name or input_path.stem
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"{input_path}: val_fraction must be in [0, 1), got {val_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"{input_path}: shard_tokens must be positive, got {shard_tokens}")
+    check_split(input_path, val_fraction, shard_tokens)
     if not input_path.is_file():
         raise DataError(f"{input_path}: input text file not found")
     tokens = tokenize_file(input_path, tokenizer)
-    n_val = round(len(tokens) * val_fraction)
-    if len(tokens) - n_val < 1 or (val_fraction > 0 and n_val < 1):
-        raise DataError(f"{input_path}: {len(tokens)} tokens, too few for val_fraction={val_fraction}")
-    # One dtype for the whole dataset, from the vocabulary rather than from each shard's ids.
-    dtype = DTYPES[VERSION_UINT16 if tokenizer.vocab_size <= 1 << 16 else VERSION_UINT32]
-    n_train = len(tokens) - n_val
-    shards = {
-        f"{name}_train_{i:06d}.bin": tokens[start : min(start + shard_tokens, n_train)]
-        for i, start in enumerate(range(0, n_train, shard_tokens))
-    }
-    if n_val:
-        shards[f"{name}_val_000000.bin"] = tokens[n_train:]
-    for file, part in shards.items():
-        write_shard(out_dir / file, part, dtype=dtype)
-        print(f"wrote {out_dir / file}: {len(part):,} tokens", file=sys.stderr)
+    name = name or input_path.stem
+    write_split([tokens], len(tokens), out_dir, name, tokenizer, val_fraction, shard_tokens, input_path)
     return out_dir
 
 

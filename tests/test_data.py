@@ -25,6 +25,7 @@ from shared.data import (
     read_header,
     read_shard,
     write_shard,
+    write_split,
 )
 from shared.tokenizer import ENDOFTEXT, gpt2_tokenizer
 
@@ -161,6 +162,25 @@ def test_cli_prepare(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fineweb", "--help"])
     assert exit_.value.code == 0 and "kjj0/fineweb10B-gpt2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_write_split_writes_shards_as_chunks_arrive(tmp_path, chunk):
+    stream = np.arange(100, dtype=np.uint32)  # 75 train tokens in shards of 15, then 25 val tokens
+
+    def chunks():
+        for start in range(0, 100, chunk):
+            for i in range(min(start, 75) // 15):  # every shard that ends before `start` is on disk
+                assert (tmp_path / f"s_train_{i:06d}.bin").exists()
+            yield stream[start : start + chunk]
+
+    write_split(chunks(), 100, tmp_path, "s", gpt2_tokenizer(), val_fraction=0.25, shard_tokens=15, source="test")
+    names = [f"s_train_{i:06d}.bin" for i in range(5)] + ["s_val_000000.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    np.testing.assert_array_equal(np.concatenate([read_shard(tmp_path / n) for n in names]), stream)
+    assert len(read_shard(tmp_path / "s_val_000000.bin")) == 25
+    with pytest.raises(DataError, match="test: expected 101 tokens, got 100"):
+        write_split(iter([stream]), 101, tmp_path, "s", gpt2_tokenizer(), 0.25, 15, "test")
 
 
 # --- fineweb -------------------------------------------------------------------------------
