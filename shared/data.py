@@ -6,7 +6,11 @@ then the tokens. Version 1 stores uint16 (vocabularies up to 65,536, e.g. GPT-2)
 our extension, stores uint32 for larger ones (Llama 3's 128K, Qwen3's 151K).
 
     python -m shared.data prepare --input book.txt --out data/book   # text -> shards
+    python -m shared.data prepare --input HuggingFaceFW/fineweb-edu --config sample-10BT --out data/edu
     python -m shared.data fineweb --shards 8                         # download fineweb-10B
+
+`prepare` reads .txt, .jsonl/.json, .parquet or a hub dataset through Hugging Face `datasets`
+and tokenizes with every core; see `python -m shared.data prepare --help`.
 
 `DataLoader` memory-maps the shards and yields (x, y) batches strided across DDP ranks, with
 `state_dict()` for exact resume.
@@ -15,9 +19,11 @@ our extension, stores uint32 for larger ones (Llama 3's 128K, Qwen3's 151K).
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -218,8 +224,9 @@ def prepare(
 ) -> Path:
     """Tokenize a text file into {name}_train_000000.bin, ... and {name}_val_000000.bin.
 
-    The validation split is the last `val_fraction` of the tokens, so the text and its token
-    stream (4 bytes a token) are held in memory; fine up to a few GB of text.
+    The direct path, in this process and without `datasets` (default_corpus uses it): the text
+    and its token stream (4 bytes a token) are held in memory; fine up to a few GB of text.
+    prepare_dataset writes the same shards from other formats, with every core.
     """
     input_path, out_dir = Path(input_path), Path(out_dir)
     tokenizer = tokenizer or gpt2_tokenizer()
@@ -240,6 +247,155 @@ def default_corpus(root: str | Path = "data") -> Path:
     out_dir = Path(root) / "shakespeare"
     if not all((out_dir / f"shakespeare_{s}_000000.bin").exists() for s in ("train", "val")):
         prepare(SHAKESPEARE, out_dir, name="shakespeare")
+    return out_dir
+
+
+# --- any corpus -> shards, through Hugging Face `datasets` ---------------------------------
+# `datasets` is imported inside these functions: it takes seconds to import, and every
+# train.py imports this module.
+
+# Local inputs by suffix, as `datasets` builder names; any other input is a hub dataset name.
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+READ_BYTES = 1 << 26  # text_file_documents reads 64 MB at a time
+ROWS_PER_WRITE = 1000  # documents per batch read back from the tokenized Arrow files
+
+
+def text_file_documents(path: str, stamp: tuple[int, int]) -> Iterator[dict[str, str]]:
+    """read_documents' documents, one row each, reading the file a block at a time."""
+    # `stamp` (size, mtime) goes unused here, but `datasets` hashes the arguments into its cache
+    # key, so an edited file is read again rather than served from the cache.
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done, carry = 0, ""  # bytes read; the text after the last separator seen
+
+    def decode(block: bytes) -> str:
+        pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+        try:
+            return decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {done - pending + e.start})") from e
+
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            *docs, carry = (carry + decode(block)).split(ENDOFTEXT)
+            done += len(block)
+            yield from ({"text": doc} for doc in docs if doc)
+    carry += decode(b"")  # fails on a character cut off by the end of the file
+    if carry:
+        yield {"text": carry}
+
+
+def encode_documents(batch: dict[str, list], tokenizer: Tokenizer, column: str, dtype) -> dict[str, list]:
+    # One row per document in, one row of ids per non-empty document out (a null is empty).
+    return {"ids": [encode_document(doc, tokenizer, dtype) for doc in batch[column] if doc]}
+
+
+def load_corpus(
+    source: str, text_column: str, split: str, config: str | None, num_proc: int, cache_dir: str | None, scratch: str
+):
+    """The input as a `datasets.Dataset` of one document a row, and the name of its text column.
+
+    Arrow files go to `cache_dir`, else for a local file to `scratch` (a temporary folder) and for a
+    hub dataset to datasets' own cache, where the download is kept for the next run.
+    """
+    import datasets
+
+    path = Path(source)
+    kind = LOCAL_FORMATS.get(path.suffix.lower())
+    if path.is_dir() or (path.exists() and kind is None):
+        wanted = "a .txt, .jsonl, .json or .parquet file or a hub dataset name"
+        raise DataError(f"{source}: unsupported input; give {wanted}")
+    if kind is not None and not path.is_file():
+        raise DataError(f"{source}: input file not found")
+    try:
+        if kind == "text":  # our reader, so documents split at <|endoftext|> as in prepare()
+            args = {"path": str(path.resolve()), "stamp": (path.stat().st_size, path.stat().st_mtime_ns)}
+            corpus = datasets.Dataset.from_generator(
+                text_file_documents, gen_kwargs=args, cache_dir=cache_dir or scratch
+            )
+            text_column = "text"
+        elif kind is not None:
+            corpus = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir or scratch)
+        else:
+            corpus = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir, num_proc=num_proc)
+    except datasets.exceptions.DatasetGenerationError as e:  # the builder could not read the file
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise DataError(f"{source}: cannot read it as {kind} ({e.__cause__ or e})") from e
+    except ConnectionError as e:  # also what offline mode (HF_HUB_OFFLINE=1) raises
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{source}: not a local file, and the Hugging Face hub is unreachable: {reason}") from e
+    if text_column not in corpus.column_names:
+        raise DataError(
+            f"{source}: no text column {text_column!r}; its columns are "
+            f"{', '.join(map(repr, corpus.column_names))} (choose one with --text-column)"
+        )
+    feature = corpus.features[text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string", "string_view"):
+        raise DataError(f"{source}: column {text_column!r} holds {feature}, not text")
+    return corpus, text_column
+
+
+def prepare_dataset(
+    source: str | Path,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    name: str | None = None,
+    val_fraction: float = 0.1,
+    shard_tokens: int = 100_000_000,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    config: str | None = None,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """prepare() for a local .txt, .jsonl, .json or .parquet file or a hub dataset name, through
+    `datasets`, tokenizing with `num_proc` processes (default: one per core).
+
+    prepare()'s document rules: a .txt splits at the literal <|endoftext|>; other inputs hold one
+    document a row, in `text_column`; empty documents are dropped; each starts with eot. The
+    input and its tokens live in Arrow files on disk (see load_corpus for where) and shards are
+    written as the tokens stream past, so memory holds one shard. The tokens' Arrow files go to a
+    temporary folder in `out_dir`, deleted at the end.
+    """
+    import datasets
+    import pyarrow.compute as pc
+    from datasets.utils.tqdm import tqdm
+
+    source, out_dir = str(source), Path(out_dir)
+    tokenizer = tokenizer or gpt2_tokenizer()
+    check_split(source, val_fraction, shard_tokens)
+    num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
+    if num_proc < 1:
+        raise DataError(f"{source}: num_proc must be positive, got {num_proc}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:
+        cache = None if cache_dir is None else str(cache_dir)
+        corpus, column = load_corpus(source, text_column, split, config, num_proc, cache, scratch=tmp)
+        dtype = vocab_dtype(tokenizer)
+        tokens = corpus.map(
+            encode_documents,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "column": column, "dtype": dtype},
+            remove_columns=corpus.column_names,
+            features=datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype.name))}),
+            num_proc=max(1, min(num_proc, len(corpus))),  # datasets refuses more processes than rows
+            cache_file_name=os.path.join(tmp, "tokens.arrow"),
+            new_fingerprint=uuid.uuid4().hex,  # a fresh file each run; hashing the tokenizer is slow
+            desc="tokenizing",
+        )
+        n_tokens = pc.sum(pc.list_value_length(tokens.data.column("ids"))).as_py() or 0
+        with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="writing shards") as bar:
+
+            def chunks() -> Iterator[np.ndarray]:
+                for table in tokens.with_format("arrow").iter(batch_size=ROWS_PER_WRITE):
+                    ids = pc.list_flatten(table.column("ids")).to_numpy()
+                    bar.update(len(ids))
+                    yield ids
+
+            name = name or Path(source).stem
+            write_split(chunks(), n_tokens, out_dir, name, tokenizer, val_fraction, shard_tokens, source, bar.write)
+        del corpus, tokens  # close the Arrow files before their folder goes
     return out_dir
 
 
@@ -345,13 +501,32 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    about = "tokenize a text file into {name}_train_*.bin and {name}_val_000000.bin"
-    p = commands.add_parser("prepare", help=about, description=f"{about}; every document starts with eot.")
-    p.add_argument("--input", required=True, type=Path, help="UTF-8 text; <|endoftext|> separates docs")
+    about = "tokenize a corpus into {name}_train_*.bin and {name}_val_000000.bin"
+    inputs = f"""{about}, through Hugging Face datasets.
+
+--input is one of:
+  FILE.txt             UTF-8 text; the literal <|endoftext|> separates documents
+  FILE.jsonl, .json    JSON objects, one a line; each is a document, its text in --text-column
+  FILE.parquet         one document a row, its text in --text-column
+  OWNER/NAME           a Hugging Face hub dataset (needs the network), with --config and
+                       --split: --input HuggingFaceFW/fineweb-edu --config sample-10BT
+Every document starts with the eot token; empty ones are dropped. The last --val-fraction of
+the token stream is the val shard. --num-proc processes tokenize (default: all cores).
+datasets' Arrow copy of a local file is deleted at the end unless --cache-dir is given; a hub
+dataset is cached in --cache-dir, else $HF_DATASETS_CACHE (default ~/.cache/huggingface/datasets)."""
+    p = commands.add_parser(
+        "prepare", help=about, description=inputs, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--input", required=True, help="a .txt, .jsonl, .json or .parquet file, or a hub dataset name")
     p.add_argument("--out", required=True, type=Path, help="directory for the .bin shards")
+    p.add_argument("--text-column", default="text", help="the documents' column in .jsonl/.json/.parquet/hub (text)")
+    p.add_argument("--config", help="hub dataset configuration (subset), e.g. sample-10BT")
+    p.add_argument("--split", default="train", help="hub dataset split, e.g. train or 'train[:1%%]' (train)")
+    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="tokenizing processes (all cores)")
+    p.add_argument("--cache-dir", type=Path, help="where datasets keeps its Arrow copy of the input")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val (0.1)")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer.json (or its directory)")
-    p.add_argument("--name", help="shard name prefix (default: the input file's stem)")
+    p.add_argument("--name", help="shard name prefix (default: the input's file or dataset name)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per train shard (1e8)")
     about = f"download GPT-2-tokenized fineweb-10B shards from the Hugging Face dataset {FINEWEB_REPO}"
     f = commands.add_parser("fineweb", help=about, description=f"{about}; files already present are kept.")
@@ -362,7 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "prepare":
             tokenizer = load_tokenizer(args.tokenizer)
-            prepare(args.input, args.out, tokenizer, args.name, args.val_fraction, args.shard_tokens)
+            prepare_dataset(
+                args.input, args.out, tokenizer, args.name, args.val_fraction, args.shard_tokens,
+                text_column=args.text_column, split=args.split, config=args.config,
+                num_proc=args.num_proc, cache_dir=args.cache_dir,
+            )
         else:
             download_fineweb(args.shards, args.out)
     except (ValueError, OSError) as e:  # DataError, unknown tokenizer, download failure

@@ -1,15 +1,23 @@
-"""shared.data: the shard format, text -> shards, the fineweb downloader and the DataLoader."""
+"""shared.data: the shard format, text and datasets -> shards, the fineweb downloader and the DataLoader."""
 
+import functools
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared import data
 from shared.data import (
     HEADER_BYTES,
     HEADER_INTS,
@@ -20,8 +28,10 @@ from shared.data import (
     DataLoader,
     default_corpus,
     download_fineweb,
+    encode_documents,
     main,
     prepare,
+    prepare_dataset,
     read_header,
     read_shard,
     write_shard,
@@ -154,14 +164,132 @@ def test_default_corpus_concurrent_and_cached(tmp_path):
 
 def test_cli_prepare(tmp_path, capsys):
     (tmp_path / "in.txt").write_text(ENDOFTEXT.join(DOCS), encoding="utf-8")
-    main(["prepare", "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "o"), "--val-fraction=0.5"])
+    args = ["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "o"), "--val-fraction=0.5", "--num-proc=1"]
+    main(["prepare", *args])
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["in_train_000000.bin", "in_val_000000.bin"]
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
-    assert exit_.value.code == 1 and "missing.txt: input text file not found" in capsys.readouterr().err
+    assert exit_.value.code == 1 and "missing.txt: input file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["fineweb", "--help"])
     assert exit_.value.code == 0 and "kjj0/fineweb10B-gpt2" in capsys.readouterr().out
+
+
+# --- any corpus -> shards, through datasets ------------------------------------------------
+
+# Empty documents are dropped wherever they are; "x" is a one-token document at the very end.
+CORPUS = [*DOCS, "", "A fourth, longer one. " * 20, "x"]
+SPLIT = {"val_fraction": 0.2, "shard_tokens": 40}  # several train shards and a val shard
+
+
+def shard_bytes(out) -> dict[str, bytes]:
+    """Every file in the folder, so a temporary file left behind shows up too."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+
+
+def decoded(out) -> str:
+    paths = sorted(Path(out).glob("*_train_*.bin")) + sorted(Path(out).glob("*_val_*.bin"))
+    return gpt2_tokenizer().decode(np.concatenate([read_shard(p) for p in paths]))
+
+
+@pytest.fixture
+def plain(tmp_path):
+    """What the direct plain-text path, prepare(), writes for CORPUS: shards named c_*."""
+    (tmp_path / "c.txt").write_text(ENDOFTEXT.join(CORPUS), encoding="utf-8")
+    shards = shard_bytes(prepare(tmp_path / "c.txt", tmp_path / "plain", **SPLIT))
+    assert len(shards) > 3 and decoded(tmp_path / "plain") == ENDOFTEXT + ENDOFTEXT.join(d for d in CORPUS if d)
+    return shards
+
+
+def test_prepare_dataset_text_file_with_two_processes(tmp_path, monkeypatch, plain):
+    # 5-byte blocks cut separators and multi-byte characters in two: the reader must join them.
+    monkeypatch.setattr(data, "READ_BYTES", 5)
+    seen = tmp_path / "pids"
+    seen.mkdir()
+
+    def spy(batch, **kwargs):  # notes which process tokenized a batch
+        (seen / str(os.getpid())).touch()
+        return encode_documents(batch, **kwargs)
+
+    monkeypatch.setattr(data, "encode_documents", spy)
+    out = prepare_dataset(tmp_path / "c.txt", tmp_path / "o", **SPLIT, num_proc=2, cache_dir=tmp_path / "cache")
+    assert shard_bytes(out) == plain
+    workers = {p.name for p in seen.iterdir()}
+    assert len(workers) == 2 and str(os.getpid()) not in workers
+
+
+def test_cli_prepare_jsonl_text_column(tmp_path, plain):
+    # The decoy "text" column, datasets' usual name, must not be read; a null document is empty.
+    rows = [{"id": i, "text": "decoy", "body": doc} for i, doc in enumerate(CORPUS)]
+    rows.insert(2, {"id": -1, "text": "decoy", "body": None})
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    out, cache = tmp_path / "o", tmp_path / "cache"
+    main([
+        "prepare", "--input", str(tmp_path / "c.jsonl"), "--out", str(out), "--text-column", "body",
+        "--val-fraction", "0.2", "--shard-tokens", "40", "--num-proc", "1", "--cache-dir", str(cache),
+    ])  # fmt: skip
+    assert shard_bytes(out) == plain
+    assert list(cache.iterdir())  # datasets' Arrow copy went where it was told
+
+
+def test_prepare_dataset_parquet(tmp_path, plain):
+    table = pa.table({"text": CORPUS, "n": list(range(len(CORPUS)))})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=2)
+    # No cache_dir: a local file's Arrow copy goes to a temporary folder in out, then away.
+    out = prepare_dataset(tmp_path / "c.parquet", tmp_path / "o", **SPLIT, num_proc=1)
+    assert shard_bytes(out) == plain
+
+
+def test_prepare_dataset_missing_text_column(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"id": 1, "body": "a b c"}\n{"id": 2, "body": "d e"}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl: no text column 'text'; its columns are 'id', 'body'"):
+        prepare_dataset(tmp_path / "c.jsonl", tmp_path / "o", num_proc=1)
+    with pytest.raises(DataError, match=r"c\.jsonl: column 'id' holds .*int64.*, not text"):
+        prepare_dataset(tmp_path / "c.jsonl", tmp_path / "o", text_column="id", num_proc=1)
+    assert not list((tmp_path / "o").iterdir())  # no shards and no temporary folder
+
+
+def test_prepare_dataset_hub_name_offline(tmp_path, monkeypatch, capsys):
+    import datasets
+    import huggingface_hub
+
+    # Offline mode, as HF_HUB_OFFLINE=1 sets it, so nothing here can reach the network.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["--input", "nobody/no-such-dataset", "--config", "sample", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", *args, "--num-proc", "1", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: nobody/no-such-dataset: not a local file, and the Hugging Face hub is unreachable")
+
+
+def test_prepare_dataset_bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", 2)
+    for raw, where in [(b"caf\xe9", "unexpected end of data at byte 3"), (b"ab\xffcd", "invalid start byte at byte 2")]:
+        (tmp_path / "bad.txt").write_bytes(raw)
+        for make in (prepare, functools.partial(prepare_dataset, num_proc=1)):  # same message on both paths
+            with pytest.raises(DataError, match=rf"bad\.txt: not UTF-8 text \({where}\)"):
+                make(tmp_path / "bad.txt", tmp_path / "o")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl: cannot read it as json"):
+        prepare_dataset(tmp_path / "bad.jsonl", tmp_path / "o", num_proc=1)
+    (tmp_path / "t.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"t\.csv: unsupported input; give a \.txt, \.jsonl"):
+        prepare_dataset(tmp_path / "t.csv", tmp_path / "o")
+    with pytest.raises(DataError, match=r"nope\.parquet: input file not found"):
+        prepare_dataset(tmp_path / "nope.parquet", tmp_path / "o")
+    with pytest.raises(DataError, match="num_proc must be positive, got 0"):
+        prepare_dataset(tmp_path / "bad.jsonl", tmp_path / "o", num_proc=0)
+
+
+def test_prepare_dataset_rereads_an_edited_text_file(tmp_path):
+    # Both runs share a cache: the second must see the new text, not datasets' cached copy.
+    path, cache = tmp_path / "c.txt", tmp_path / "cache"
+    for text in ["first version of the text", "second, longer version of the same text"]:
+        path.write_text(text)
+        out = prepare_dataset(path, tmp_path / "o", val_fraction=0, num_proc=1, cache_dir=cache)
+        assert decoded(out) == ENDOFTEXT + text
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 100])
@@ -181,6 +309,12 @@ def test_write_split_writes_shards_as_chunks_arrive(tmp_path, chunk):
     assert len(read_shard(tmp_path / "s_val_000000.bin")) == 25
     with pytest.raises(DataError, match="test: expected 101 tokens, got 100"):
         write_split(iter([stream]), 101, tmp_path, "s", gpt2_tokenizer(), 0.25, 15, "test")
+
+
+def test_import_leaves_datasets_unloaded():
+    # Every train.py imports shared.data; `datasets` (seconds to import) loads only to prepare.
+    code = "import sys, shared.data; assert 'datasets' not in sys.modules, 'datasets was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- fineweb -------------------------------------------------------------------------------
