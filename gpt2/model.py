@@ -3,21 +3,19 @@
 LayerNorm and residual projections initialised with 1/sqrt(2 * n_layer).
 
 Checked against Hugging Face `transformers.GPT2LMHeadModel` (tests/test_parity.py): logits
-agree to 1e-4 in fp32, and checkpoints load both ways.
+agree to 1e-4 in fp32, and checkpoints load both ways. The Hugging Face format (config.json,
+weight names, safetensors) lives in hf.py beside this file, which holds the architecture only.
 
 This file is the template of every other model in minllm: the same section order and names,
 so `diff gpt2/model.py llama31/model.py` lists only what changed between the architectures.
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
 # Config
@@ -80,43 +78,6 @@ class Config:
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
         return cls(**{**asdict(getattr(cls, name)()), **overrides})
-
-    # --- Hugging Face config.json ---
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides):
-        n_embd = hf["n_embd"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            block_size=hf["n_positions"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=n_embd,
-            intermediate_size=hf.get("n_inner") or 4 * n_embd,
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", True),
-            **overrides,
-        )
-
-    def to_hf(self) -> dict:
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": self.vocab_size,
-            "n_positions": self.block_size,
-            "n_ctx": self.block_size,
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_embd": self.n_embd,
-            "n_inner": self.intermediate_size,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": self.norm_eps,
-            "tie_word_embeddings": self.tie_embeddings,
-            "initializer_range": self.init_std,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-        }
 
 
 # -----------------------------------------------------------------------------
@@ -320,22 +281,18 @@ class Transformer(nn.Module):
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # -------------------------------------------------------------------------
-    # Loading and saving Hugging Face checkpoints
+    # Hugging Face checkpoints: the format is in hf.py, imported late because it imports this file
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a Hugging Face directory: config.json + model.safetensors (or sharded + index)."""
-        path = Path(path)
-        cfg = Config.from_hf(json.loads((path / "config.json").read_text()), **overrides)
-        model = cls(cfg)
-        load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
-        return model
+        """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
+        from . import hf
+        return hf.load(path, **overrides)
 
-    def save_pretrained(self, path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
-        save_file(ours_to_hf(self.state_dict(), self.cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Save as a Hugging Face directory, in safetensors shards of at most max_shard_bytes."""
+        from . import hf
+        hf.save(self, path, max_shard_bytes)
 
 
 def sample(logits, temperature, top_k, generator=None):
@@ -347,102 +304,6 @@ def sample(logits, temperature, top_k, generator=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-
-def read_safetensors_dir(path):
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(path.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    return state
-
-
-def load_state_dict_strict(model, state):
-    """load_state_dict that names every missing, unexpected or mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise KeyError(
-            "checkpoint does not match the model:"
-            + (f"\n  missing keys: {missing}" if missing else "")
-            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatches: {shapes}" if shapes else "")
-        )
-    model.load_state_dict(state)
-
-
-# Hugging Face GPT-2 names -> ours. HF fuses q, k, v into `c_attn` and stores every Linear as a
-# Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
-HF_LAYER_NAMES = {
-    "attn_norm": "ln_1",
-    "attn.wo": "attn.c_proj",
-    "mlp_norm": "ln_2",
-    "mlp.w1": "mlp.c_fc",
-    "mlp.w2": "mlp.c_proj",
-}
-HF_TOP_NAMES = {"tok_emb": "wte", "pos_emb": "wpe", "norm": "ln_f"}
-
-
-def hf_to_ours(hf_state, cfg):
-    # checkpoints saved from GPT2Model have no "transformer." prefix; drop HF's mask buffers
-    hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    out = {}
-    for ours, theirs in HF_TOP_NAMES.items():
-        for p in ("weight", "bias"):
-            if f"{theirs}.{p}" in hf:
-                out[f"{ours}.{p}"] = hf.pop(f"{theirs}.{p}")
-    for i in range(cfg.n_layer):
-        a, b = f"layers.{i}.", f"h.{i}."
-        if b + "attn.c_attn.weight" in hf:
-            qkv_w = hf.pop(b + "attn.c_attn.weight").t()  # (3 * n_embd, n_embd)
-            qkv_b = hf.pop(b + "attn.c_attn.bias")
-            for name, w, bias in zip(("wq", "wk", "wv"), qkv_w.chunk(3), qkv_b.chunk(3)):
-                out[f"{a}attn.{name}.weight"], out[f"{a}attn.{name}.bias"] = w, bias
-        for ours, theirs in HF_LAYER_NAMES.items():
-            is_conv1d = "norm" not in ours
-            if b + theirs + ".weight" in hf:
-                w = hf.pop(b + theirs + ".weight")
-                out[a + ours + ".weight"] = w.t() if is_conv1d else w
-            if b + theirs + ".bias" in hf:
-                out[a + ours + ".bias"] = hf.pop(b + theirs + ".bias")
-    if "lm_head.weight" in hf:
-        lm_head = hf.pop("lm_head.weight")
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = lm_head
-    if cfg.tie_embeddings and "tok_emb.weight" in out:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
-    return out
-
-
-def ours_to_hf(state, cfg):
-    hf = {}
-    for ours, theirs in HF_TOP_NAMES.items():
-        for p in ("weight", "bias"):
-            if f"{ours}.{p}" in state:
-                hf[f"transformer.{theirs}.{p}"] = state[f"{ours}.{p}"]
-    for i in range(cfg.n_layer):
-        a, b = f"layers.{i}.", f"transformer.h.{i}."
-        hf[b + "attn.c_attn.weight"] = torch.cat([state[f"{a}attn.{n}.weight"] for n in ("wq", "wk", "wv")]).t()
-        hf[b + "attn.c_attn.bias"] = torch.cat([state[f"{a}attn.{n}.bias"] for n in ("wq", "wk", "wv")])
-        for ours, theirs in HF_LAYER_NAMES.items():
-            w = state[a + ours + ".weight"]
-            hf[b + theirs + ".weight"] = w if "norm" in ours else w.t()
-            hf[b + theirs + ".bias"] = state[a + ours + ".bias"]
-    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to wte on load
-        hf["lm_head.weight"] = state["lm_head.weight"]
-    return {k: v.detach().contiguous() for k, v in hf.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ and RoPE frequencies rescaled for a 128K context. Llama 3.2 1B and 3B (pruned an
 3.1) are the same architecture with tied embeddings.
 
 Checked against Hugging Face `transformers.LlamaForCausalLM` (tests/test_parity.py): logits
-agree to 1e-4 in fp32, and checkpoints load both ways.
+agree to 1e-4 in fp32, and checkpoints load both ways. The Hugging Face format (config.json,
+weight names, safetensors) lives in hf.py beside this file, which holds the architecture only.
 
 Changes from gpt2/model.py:
 - RMSNorm (Zhang & Sennrich, 2019) instead of LayerNorm, and no biases anywhere;
@@ -12,18 +13,15 @@ Changes from gpt2/model.py:
   learned positions (`precompute_rope`, `apply_rope`);
 - grouped-query attention (Ainslie et al., 2023): n_kv_heads < n_head, so the KV cache shrinks;
 - SwiGLU MLP (Shazeer, 2020) with three matrices, sized by `ffn_hidden_size`;
-- untied embeddings for 3.1 8B/70B/405B; Hugging Face names with separate q/k/v projections.
+- untied embeddings for 3.1 8B/70B/405B (hf.py: Hugging Face names with separate q/k/v projections).
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
 # Config
@@ -122,65 +120,6 @@ class Config:
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
         return cls(**{**asdict(getattr(cls, name)()), **overrides})
-
-    # --- Hugging Face config.json ---
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides):
-        # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, including
-        # Meta's published ones, write rope_theta beside a rope_scaling dict
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"config.json rope_type {rope_type!r} is not supported; Llama 3 uses 'llama3' or 'default'")
-        scaling = dict(rope_factor=None)
-        if rope_type == "llama3":
-            scaling = dict(
-                rope_factor=rope["factor"],
-                rope_low_freq_factor=rope["low_freq_factor"],
-                rope_high_freq_factor=rope["high_freq_factor"],
-                rope_original_block_size=rope.get("original_max_position_embeddings", hf["max_position_embeddings"]),
-            )
-        return cls(
-            vocab_size=hf["vocab_size"],
-            block_size=hf["max_position_embeddings"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            n_embd=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            **scaling,
-            **overrides,
-        )
-
-    def to_hf(self) -> dict:
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_factor is not None:
-            rope.update(rope_type="llama3", factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
-                        high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_block_size)
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.block_size,
-            "num_hidden_layers": self.n_layer,
-            "num_attention_heads": self.n_head,
-            "num_key_value_heads": self.n_kv_heads,
-            "hidden_size": self.n_embd,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "tie_word_embeddings": self.tie_embeddings,
-            "initializer_range": self.init_std,
-            "rope_parameters": rope,  # the transformers >= 5 spelling
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
 
 
 # -----------------------------------------------------------------------------
@@ -440,22 +379,18 @@ class Transformer(nn.Module):
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # -------------------------------------------------------------------------
-    # Loading and saving Hugging Face checkpoints
+    # Hugging Face checkpoints: the format is in hf.py, imported late because it imports this file
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a Hugging Face directory: config.json + model.safetensors (or sharded + index)."""
-        path = Path(path)
-        cfg = Config.from_hf(json.loads((path / "config.json").read_text()), **overrides)
-        model = cls(cfg)
-        load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
-        return model
+        """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
+        from . import hf
+        return hf.load(path, **overrides)
 
-    def save_pretrained(self, path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
-        save_file(ours_to_hf(self.state_dict(), self.cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Save as a Hugging Face directory, in safetensors shards of at most max_shard_bytes."""
+        from . import hf
+        hf.save(self, path, max_shard_bytes)
 
 
 def sample(logits, temperature, top_k, generator=None):
@@ -467,89 +402,6 @@ def sample(logits, temperature, top_k, generator=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-
-def read_safetensors_dir(path):
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(path.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    return state
-
-
-def load_state_dict_strict(model, state):
-    """load_state_dict that names every missing, unexpected or mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise KeyError(
-            "checkpoint does not match the model:"
-            + (f"\n  missing keys: {missing}" if missing else "")
-            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatches: {shapes}" if shapes else "")
-        )
-    model.load_state_dict(state)
-
-
-# Hugging Face Llama names -> ours (each with a ".weight"). HF's converter already permuted Meta's
-# q/k rows into the rotate-half layout of apply_rope, so every tensor copies across unchanged.
-HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn.wq": "self_attn.q_proj",
-    "attn.wk": "self_attn.k_proj",
-    "attn.wv": "self_attn.v_proj",
-    "attn.wo": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "mlp.w1": "mlp.gate_proj",
-    "mlp.w2": "mlp.down_proj",
-    "mlp.w3": "mlp.up_proj",
-}
-HF_TOP_NAMES = {"tok_emb": "embed_tokens", "norm": "norm"}
-
-
-def hf_to_ours(hf_state, cfg):
-    # checkpoints saved from LlamaModel have no "model." prefix; drop RoPE tables (ours come from cfg)
-    hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
-    out = {}
-    for ours, theirs in HF_TOP_NAMES.items():
-        if f"{theirs}.weight" in hf:
-            out[f"{ours}.weight"] = hf.pop(f"{theirs}.weight")
-    for i in range(cfg.n_layer):
-        for ours, theirs in HF_LAYER_NAMES.items():
-            if f"layers.{i}.{theirs}.weight" in hf:
-                out[f"layers.{i}.{ours}.weight"] = hf.pop(f"layers.{i}.{theirs}.weight")
-    if "lm_head.weight" in hf:
-        lm_head = hf.pop("lm_head.weight")
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = lm_head
-    if cfg.tie_embeddings and "tok_emb.weight" in out:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
-    return out
-
-
-def ours_to_hf(state, cfg):
-    hf = {}
-    for ours, theirs in HF_TOP_NAMES.items():
-        hf[f"model.{theirs}.weight"] = state[f"{ours}.weight"]
-    for i in range(cfg.n_layer):
-        a, b = f"layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in HF_LAYER_NAMES.items():
-            hf[b + theirs + ".weight"] = state[a + ours + ".weight"]
-    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to embed_tokens on load
-        hf["lm_head.weight"] = state["lm_head.weight"]
-    return {k: v.detach().contiguous() for k, v in hf.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from llama31 import hf
 from llama31.model import Config, Transformer
 from shared.data import DataLoader, default_corpus
 from shared.tokenizer import load_tokenizer
@@ -99,7 +100,7 @@ def parse_args(argv=None):
 
 def config_from_args(args):
     if args.init_from:
-        return Config.from_hf(json.loads((Path(args.init_from) / "config.json").read_text()))
+        return hf.read_config(args.init_from)
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     overrides = {}
     for item in args.set:

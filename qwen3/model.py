@@ -6,7 +6,7 @@
 Checked against Hugging Face `transformers.Qwen3ForCausalLM` and `Qwen3MoeForCausalLM`
 (tests/test_parity.py): logits agree to 1e-4 in fp32, and checkpoints load both ways; the MoE
 layer is also checked against `Qwen3MoeSparseMoeBlock` and its loss against
-`load_balancing_loss_func` (tests/test_moe.py).
+`load_balancing_loss_func` (tests/test_moe.py). The Hugging Face format lives in hf.py.
 
 Changes from llama31/model.py:
 - QK-Norm: RMSNorm over head_dim on every query and key head, before RoPE (report sec. 2);
@@ -18,7 +18,7 @@ Changes from llama31/model.py:
   (`moe_impl`); tests/test_moe.py proves them equal;
 - the Switch Transformer load-balancing loss, added to the loss in training mode;
   `num_params(active=True)` counts the parameters one token runs through;
-- Block returns its router logits beside x; Hugging Face names for both checkpoint variants.
+- Block returns its router logits beside x; hf.py maps both checkpoint kinds.
 
 Not here: Qwen 3's "global-batch" balancing (Qiu et al., 2025), which pools expert counts over
 all data-parallel ranks and micro-batches (this loss pools over the layers of one micro-batch, as
@@ -26,15 +26,12 @@ transformers does); YaRN for contexts beyond 32K; sliding-window attention
 (off in every released Qwen 3).
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
 # Config
@@ -161,95 +158,6 @@ class Config:
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
         return cls(**{**asdict(getattr(cls, name)()), **overrides})
-
-    # --- Hugging Face config.json: Qwen3Config (dense) or Qwen3MoeConfig ---
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides):
-        if hf.get("attention_bias") or hf.get("use_sliding_window") or hf.get("hidden_act", "silu") != "silu":
-            raise ValueError("config.json asks for attention_bias, use_sliding_window or a hidden_act other than "
-                             "silu; no released Qwen 3 does, and this file does not implement them")
-        # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, including
-        # Qwen's published ones, write rope_theta beside a rope_scaling dict (null in Qwen 3)
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"config.json rope_type {rope_type!r} is not supported; use 'default' (or 'llama3')")
-        scaling = dict(rope_factor=None)
-        if rope_type == "llama3":
-            scaling = dict(
-                rope_factor=rope["factor"],
-                rope_low_freq_factor=rope["low_freq_factor"],
-                rope_high_freq_factor=rope["high_freq_factor"],
-                rope_original_block_size=rope.get("original_max_position_embeddings", hf["max_position_embeddings"]),
-            )
-        moe = {}
-        if hf.get("model_type") == "qwen3_moe":
-            # transformers >= 5 saves num_experts under its alias num_local_experts
-            moe = dict(
-                n_experts=hf.get("num_experts", hf.get("num_local_experts")),
-                n_experts_per_tok=hf["num_experts_per_tok"],
-                moe_intermediate_size=hf["moe_intermediate_size"],
-                norm_topk_prob=hf.get("norm_topk_prob", False),
-                decoder_sparse_step=hf.get("decoder_sparse_step", 1),
-                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
-            )
-        return cls(
-            vocab_size=hf["vocab_size"],
-            block_size=hf["max_position_embeddings"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            n_embd=hf["hidden_size"],
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            **scaling,
-            **moe,
-            **overrides,
-        )
-
-    def to_hf(self) -> dict:
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_factor is not None:
-            rope.update(rope_type="llama3", factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
-                        high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_block_size)
-        hf = {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.block_size,
-            "num_hidden_layers": self.n_layer,
-            "num_attention_heads": self.n_head,
-            "num_key_value_heads": self.n_kv_heads,
-            "hidden_size": self.n_embd,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "tie_word_embeddings": self.tie_embeddings,
-            "initializer_range": self.init_std,
-            "rope_parameters": rope,  # the transformers >= 5 spelling
-            "attention_bias": False,
-            "use_sliding_window": False,
-        }
-        if self.n_experts:
-            hf.update({
-                "architectures": ["Qwen3MoeForCausalLM"],
-                "model_type": "qwen3_moe",
-                "num_experts": self.n_experts,
-                "num_experts_per_tok": self.n_experts_per_tok,
-                "moe_intermediate_size": self.moe_intermediate_size,
-                "norm_topk_prob": self.norm_topk_prob,
-                "decoder_sparse_step": self.decoder_sparse_step,
-                "mlp_only_layers": list(self.mlp_only_layers),
-                "router_aux_loss_coef": self.router_aux_loss_coef,
-            })
-        return hf
 
 
 # -----------------------------------------------------------------------------
@@ -652,22 +560,18 @@ class Transformer(nn.Module):
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # -------------------------------------------------------------------------
-    # Loading and saving Hugging Face checkpoints
+    # Hugging Face checkpoints: the format is in hf.py, imported late because it imports this file
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a Hugging Face directory: config.json + model.safetensors (or sharded + index)."""
-        path = Path(path)
-        cfg = Config.from_hf(json.loads((path / "config.json").read_text()), **overrides)
-        model = cls(cfg)
-        load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
-        return model
+        """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
+        from . import hf
+        return hf.load(path, **overrides)
 
-    def save_pretrained(self, path):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
-        save_file(ours_to_hf(self.state_dict(), self.cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Save as a Hugging Face directory, in safetensors shards of at most max_shard_bytes."""
+        from . import hf
+        hf.save(self, path, max_shard_bytes)
 
 
 def sample(logits, temperature, top_k, generator=None):
@@ -679,112 +583,6 @@ def sample(logits, temperature, top_k, generator=None):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-
-def read_safetensors_dir(path):
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(path.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    return state
-
-
-def load_state_dict_strict(model, state):
-    """load_state_dict that names every missing, unexpected or mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise KeyError(
-            "checkpoint does not match the model:"
-            + (f"\n  missing keys: {missing}" if missing else "")
-            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatches: {shapes}" if shapes else "")
-        )
-    model.load_state_dict(state)
-
-
-# Hugging Face Qwen 3 names -> ours (each with a ".weight"); Qwen's q/k rows are already in the
-# rotate-half layout of apply_rope, so every tensor copies across unchanged. A layer holds either
-# the dense mlp.w1/w2/w3 or the MoE's router and experts (HF_EXPERT_NAMES).
-HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn.wq": "self_attn.q_proj",
-    "attn.wk": "self_attn.k_proj",
-    "attn.wv": "self_attn.v_proj",
-    "attn.wo": "self_attn.o_proj",
-    "attn.q_norm": "self_attn.q_norm",
-    "attn.k_norm": "self_attn.k_norm",
-    "mlp_norm": "post_attention_layernorm",
-    "mlp.router": "mlp.gate",
-    "mlp.w1": "mlp.gate_proj",
-    "mlp.w2": "mlp.down_proj",
-    "mlp.w3": "mlp.up_proj",
-}
-HF_TOP_NAMES = {"tok_emb": "embed_tokens", "norm": "norm"}
-# our stacked (n_experts, out, in) expert matrix <- HF's mlp.experts.{e}.<name>.weight, one per expert
-HF_EXPERT_NAMES = {"mlp.w1": "gate_proj", "mlp.w2": "down_proj", "mlp.w3": "up_proj"}
-
-
-def hf_to_ours(hf_state, cfg):
-    # checkpoints saved from Qwen3Model have no "model." prefix; drop RoPE tables (ours come from cfg)
-    hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
-    out = {}
-    for ours, theirs in HF_TOP_NAMES.items():
-        if f"{theirs}.weight" in hf:
-            out[f"{ours}.weight"] = hf.pop(f"{theirs}.weight")
-    for i in range(cfg.n_layer):
-        for ours, theirs in HF_LAYER_NAMES.items():
-            if f"layers.{i}.{theirs}.weight" in hf:
-                out[f"layers.{i}.{ours}.weight"] = hf.pop(f"layers.{i}.{theirs}.weight")
-        # diff vs llama31: stack the experts. Published checkpoints (and transformers' save_pretrained)
-        # hold one matrix per expert; transformers >= 5 keeps them fused in memory, gate and up
-        # concatenated as gate_up_proj (n_experts, 2 * hidden, n_embd), and down_proj
-        b = f"layers.{i}.mlp.experts."
-        for ours, theirs in HF_EXPERT_NAMES.items():
-            keys = [f"{b}{e}.{theirs}.weight" for e in range(cfg.n_experts)]
-            if keys and all(k in hf for k in keys):
-                out[f"layers.{i}.{ours}"] = torch.stack([hf.pop(k) for k in keys])  # (n_experts, out, in)
-        if b + "gate_up_proj" in hf:
-            out[f"layers.{i}.mlp.w1"], out[f"layers.{i}.mlp.w3"] = hf.pop(b + "gate_up_proj").chunk(2, dim=1)
-        if b + "down_proj" in hf:
-            out[f"layers.{i}.mlp.w2"] = hf.pop(b + "down_proj")
-    if "lm_head.weight" in hf:
-        lm_head = hf.pop("lm_head.weight")
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = lm_head
-    if cfg.tie_embeddings and "tok_emb.weight" in out:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
-    return out
-
-
-def ours_to_hf(state, cfg):
-    hf = {}
-    for ours, theirs in HF_TOP_NAMES.items():
-        hf[f"model.{theirs}.weight"] = state[f"{ours}.weight"]
-    for i in range(cfg.n_layer):
-        a, b = f"layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in HF_LAYER_NAMES.items():
-            if a + ours + ".weight" in state:  # diff vs llama31: a layer is dense or MoE
-                hf[b + theirs + ".weight"] = state[a + ours + ".weight"]
-        for ours, theirs in HF_EXPERT_NAMES.items():  # diff vs llama31: one matrix per expert, as published
-            if a + ours in state:
-                for e, w in enumerate(state[a + ours]):
-                    hf[f"{b}mlp.experts.{e}.{theirs}.weight"] = w
-    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to embed_tokens on load
-        hf["lm_head.weight"] = state["lm_head.weight"]
-    return {k: v.detach().contiguous() for k, v in hf.items()}
 
 
 # -----------------------------------------------------------------------------

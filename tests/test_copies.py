@@ -1,5 +1,5 @@
 """Copy consistency: a component a model shares with a sibling is byte-identical in both, so
-`diff gpt2/model.py llama31/model.py` shows only what the architecture changes. A deliberate
+`diff gpt2/model.py llama31/model.py` (or hf.py) shows only what the architecture changes. A deliberate
 deviation is not listed here and carries a `# diff vs <sibling>: <why>` comment instead."""
 
 import importlib
@@ -9,7 +9,7 @@ import pytest
 
 from registry import MODELS
 
-# component (module-level name, or Class.method) -> the model packages holding identical copies
+# component (module-level name, or Class.method; "hf." + name for hf.py) -> the packages holding identical copies
 COPIES = {
     "Config.from_preset": ["gpt2", "llama31", "qwen3"],
     "RMSNorm": ["llama31", "qwen3"],
@@ -26,16 +26,20 @@ COPIES = {
     "Transformer.from_pretrained": ["gpt2", "llama31", "qwen3"],
     "Transformer.save_pretrained": ["gpt2", "llama31", "qwen3"],
     "sample": ["gpt2", "llama31", "qwen3"],
-    "read_safetensors_dir": ["gpt2", "llama31", "qwen3"],
-    "load_state_dict_strict": ["gpt2", "llama31", "qwen3"],
-    "hf_to_ours": ["llama31"],
-    "ours_to_hf": ["llama31"],
+    "hf.read_config": ["gpt2", "llama31", "qwen3"],
+    "hf.read_safetensors_dir": ["gpt2", "llama31", "qwen3"],
+    "hf.write_safetensors_dir": ["gpt2", "llama31", "qwen3"],
+    "hf.load_state_dict_strict": ["gpt2", "llama31", "qwen3"],
+    "hf.load": ["gpt2", "llama31", "qwen3"],
+    "hf.save": ["gpt2", "llama31", "qwen3"],
 }
 
 
 def source(package, component):
-    obj = importlib.import_module(f"{package}.model")
-    for part in component.split("."):
+    """Source of component in <package>/model.py, or in <package>/hf.py for "hf.<name>"."""
+    module, name = component.split(".", 1) if component.startswith("hf.") else ("model", component)
+    obj = importlib.import_module(f"{package}.{module}")
+    for part in name.split("."):
         obj = getattr(obj, part)
     return inspect.getsource(obj)
 
@@ -45,7 +49,7 @@ def test_copies_are_identical(component):
     packages = COPIES[component]
     reference = source(packages[0], component)
     drifted = [p for p in packages[1:] if source(p, component) != reference]
-    assert not drifted, f"{component} in {drifted} differs from {packages[0]}/model.py; re-copy it or mark the deviation"
+    assert not drifted, f"{component} in {drifted} differs from {packages[0]}'s; re-copy it or mark the deviation"
 
 
 # train.py: every model's script is gpt2/train.py with its own model import, docstring and

@@ -125,6 +125,7 @@ def test_directory_without_weights(spec, tmp_path):
 
 def test_llama_config_in_the_older_spelling_maps_to_the_preset():
     """Meta's published config.json (and transformers < 5) put rope_theta beside a rope_scaling dict."""
+    from llama31.hf import config_from_hf, config_to_hf
     from llama31.model import Config
 
     published_8b = {
@@ -134,5 +135,5 @@ def test_llama_config_in_the_older_spelling_maps_to_the_preset():
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192},
     }
-    assert Config.from_hf(published_8b) == Config.llama31_8b()
-    assert Config.from_hf(Config.llama31_8b().to_hf()) == Config.llama31_8b()
+    assert config_from_hf(published_8b) == Config.llama31_8b()
+    assert config_from_hf(config_to_hf(Config.llama31_8b())) == Config.llama31_8b()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qwen3.hf import config_from_hf
 from qwen3.model import MoE, Config, Router, grouped_mm, load_balancing_loss, padded_bmm
 from registry import by_name
 
@@ -219,10 +220,10 @@ def test_published_config_json_maps_to_the_presets():
                num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False, num_experts=128,
                num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1,
                mlp_only_layers=[], router_aux_loss_coef=0.001)
-    assert Config.from_hf(dense) == Config.qwen3_0_6b()
-    assert Config.from_hf(moe) == Config.qwen3_30b_a3b()
+    assert config_from_hf(dense) == Config.qwen3_0_6b()
+    assert config_from_hf(moe) == Config.qwen3_30b_a3b()
     with pytest.raises(ValueError, match="use_sliding_window"):
-        Config.from_hf(dict(dense, use_sliding_window=True))
+        config_from_hf(dict(dense, use_sliding_window=True))
 
 
 def test_training_loss_adds_the_balancing_loss_and_eval_loss_does_not():
@@ -259,12 +260,13 @@ def test_loading_accepts_the_fused_expert_tensors_of_transformers_in_memory():
     pytest.importorskip("transformers")
     from test_parity import hf_model, random_ids
 
-    from qwen3.model import Transformer, hf_to_ours, load_state_dict_strict
+    from qwen3.hf import hf_to_ours, load_state_dict_strict
+    from qwen3.model import Transformer
 
     spec = by_name("qwen3_moe")
     theirs = hf_model(spec)
     assert any(k.endswith("experts.gate_up_proj") for k in theirs.state_dict())  # transformers >= 5
-    ours = Transformer(Config.from_hf(theirs.config.to_dict())).eval()
+    ours = Transformer(config_from_hf(theirs.config.to_dict())).eval()
     load_state_dict_strict(ours, hf_to_ours(theirs.state_dict(), ours.cfg))
     idx = random_ids(ours.cfg.vocab_size, 16)
     with torch.no_grad():

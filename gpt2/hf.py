@@ -1,0 +1,220 @@
+"""GPT-2 checkpoints in the Hugging Face format: a directory with config.json (the fields of
+transformers' `GPT2Config`) and the weights of `GPT2LMHeadModel` in model.safetensors, or in
+numbered shards listed by model.safetensors.index.json. Reads what transformers 4.x and >= 5
+save, the hub's original openai-community/gpt2* checkpoints included (their config.json
+spelling has not changed); writes what both versions load.
+
+Nothing here is architecture: model.py never meets a Hugging Face name. Sections, in the same
+order in every model's hf.py: config.json <-> Config; weight names <-> ours; safetensors
+directories; strict loading; `load` and `save`, behind `Transformer.from_pretrained` and
+`Transformer.save_pretrained`.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import Config, Transformer
+
+# -----------------------------------------------------------------------------
+# config.json <-> Config
+
+
+def config_from_hf(hf: dict, **overrides) -> Config:
+    n_embd = hf["n_embd"]
+    return Config(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=n_embd,
+        intermediate_size=hf.get("n_inner") or 4 * n_embd,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        **overrides,
+    )
+
+
+def config_to_hf(cfg: Config) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_inner": cfg.intermediate_size,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+
+
+def read_config(path, **overrides) -> Config:
+    return config_from_hf(json.loads((Path(path) / "config.json").read_text()), **overrides)
+
+
+# -----------------------------------------------------------------------------
+# Weight names <-> ours
+
+# Hugging Face GPT-2 names -> ours. HF fuses q, k, v into `c_attn` and stores every Linear as a
+# Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
+HF_LAYER_NAMES = {
+    "attn_norm": "ln_1",
+    "attn.wo": "attn.c_proj",
+    "mlp_norm": "ln_2",
+    "mlp.w1": "mlp.c_fc",
+    "mlp.w2": "mlp.c_proj",
+}
+HF_TOP_NAMES = {"tok_emb": "wte", "pos_emb": "wpe", "norm": "ln_f"}
+
+
+def hf_to_ours(hf_state, cfg):
+    # checkpoints saved from GPT2Model have no "transformer." prefix; drop HF's mask buffers
+    hf = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    out = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        for p in ("weight", "bias"):
+            if f"{theirs}.{p}" in hf:
+                out[f"{ours}.{p}"] = hf.pop(f"{theirs}.{p}")
+    for i in range(cfg.n_layer):
+        a, b = f"layers.{i}.", f"h.{i}."
+        if b + "attn.c_attn.weight" in hf:
+            qkv_w = hf.pop(b + "attn.c_attn.weight").t()  # (3 * n_embd, n_embd)
+            qkv_b = hf.pop(b + "attn.c_attn.bias")
+            for name, w, bias in zip(("wq", "wk", "wv"), qkv_w.chunk(3), qkv_b.chunk(3)):
+                out[f"{a}attn.{name}.weight"], out[f"{a}attn.{name}.bias"] = w, bias
+        for ours, theirs in HF_LAYER_NAMES.items():
+            is_conv1d = "norm" not in ours
+            if b + theirs + ".weight" in hf:
+                w = hf.pop(b + theirs + ".weight")
+                out[a + ours + ".weight"] = w.t() if is_conv1d else w
+            if b + theirs + ".bias" in hf:
+                out[a + ours + ".bias"] = hf.pop(b + theirs + ".bias")
+    if "lm_head.weight" in hf:
+        lm_head = hf.pop("lm_head.weight")
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = lm_head
+    if cfg.tie_embeddings and "tok_emb.weight" in out:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    out.update(hf)  # leftovers keep their HF names and surface as unexpected keys
+    return out
+
+
+def ours_to_hf(state, cfg):
+    hf = {}
+    for ours, theirs in HF_TOP_NAMES.items():
+        for p in ("weight", "bias"):
+            if f"{ours}.{p}" in state:
+                hf[f"transformer.{theirs}.{p}"] = state[f"{ours}.{p}"]
+    for i in range(cfg.n_layer):
+        a, b = f"layers.{i}.", f"transformer.h.{i}."
+        hf[b + "attn.c_attn.weight"] = torch.cat([state[f"{a}attn.{n}.weight"] for n in ("wq", "wk", "wv")]).t()
+        hf[b + "attn.c_attn.bias"] = torch.cat([state[f"{a}attn.{n}.bias"] for n in ("wq", "wk", "wv")])
+        for ours, theirs in HF_LAYER_NAMES.items():
+            w = state[a + ours + ".weight"]
+            hf[b + theirs + ".weight"] = w if "norm" in ours else w.t()
+            hf[b + theirs + ".bias"] = state[a + ours + ".bias"]
+    if not cfg.tie_embeddings:  # tied: HF re-ties lm_head to wte on load
+        hf["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.detach().contiguous() for k, v in hf.items()}
+
+
+# -----------------------------------------------------------------------------
+# Safetensors directories: one model.safetensors, or shards + model.safetensors.index.json
+
+
+def read_safetensors_dir(path):
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def write_safetensors_dir(path, state, max_shard_bytes=5 * 2**30):
+    """Write state (name -> contiguous tensor) as model.safetensors if it fits in max_shard_bytes,
+    else as model-00001-of-0000N.safetensors ... plus the index mapping each name to its file, the
+    layout transformers writes. Tensors keep their order; one larger than the limit gets a shard
+    of its own. Weight files of an earlier save in the same directory are removed first."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stale = [path / "model.safetensors", path / "model.safetensors.index.json", *path.glob("model-*-of-*.safetensors")]
+    for old in stale:  # else a shard of an earlier, larger save would be read back with the new ones
+        old.unlink(missing_ok=True)
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total_size = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# Strict loading
+
+
+def load_state_dict_strict(model, state):
+    """load_state_dict that names every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise KeyError(
+            "checkpoint does not match the model:"
+            + (f"\n  missing keys: {missing}" if missing else "")
+            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+    model.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# Entry points: Transformer.from_pretrained and Transformer.save_pretrained call these
+
+
+def load(path, **overrides) -> Transformer:
+    """A Hugging Face directory -> our model; overrides replace Config fields (e.g. attn_impl)."""
+    cfg = read_config(path, **overrides)
+    model = Transformer(cfg)
+    load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
+    return model
+
+
+def save(model, path, max_shard_bytes=5 * 2**30):
+    """Our model -> a Hugging Face directory that transformers' from_pretrained loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    write_safetensors_dir(path, ours_to_hf(model.state_dict(), model.cfg), max_shard_bytes)
