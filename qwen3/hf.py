@@ -32,16 +32,9 @@ def config_from_hf(hf: dict, **overrides) -> Config:
     # Qwen's published ones, write rope_theta beside a rope_scaling dict (null in Qwen 3)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"config.json rope_type {rope_type!r} is not supported; use 'default' (or 'llama3')")
-    scaling = dict(rope_factor=None)
-    if rope_type == "llama3":
-        scaling = dict(
-            rope_factor=rope["factor"],
-            rope_low_freq_factor=rope["low_freq_factor"],
-            rope_high_freq_factor=rope["high_freq_factor"],
-            rope_original_block_size=rope.get("original_max_position_embeddings", hf["max_position_embeddings"]),
-        )
+    if rope_type != "default":  # diff vs llama31: Qwen 3 as released scales no RoPE frequencies
+        raise ValueError(f"config.json asks for RoPE scaling of type {rope_type!r} (rope_parameters / rope_scaling); "
+                         "Qwen 3 here supports only 'default', unscaled RoPE: YaRN is not implemented")
     moe = {}  # diff vs llama31: the MoE fields
     if hf.get("model_type") == "qwen3_moe":
         # transformers >= 5 saves num_experts under its alias num_local_experts
@@ -66,18 +59,12 @@ def config_from_hf(hf: dict, **overrides) -> Config:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        **scaling,
         **moe,
         **overrides,
     )
 
 
 def config_to_hf(cfg: Config) -> dict:
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_factor is not None:
-        rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                    high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_block_size)
     hf = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -93,7 +80,7 @@ def config_to_hf(cfg: Config) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
-        "rope_parameters": rope,  # the transformers >= 5 spelling
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # the transformers >= 5 spelling
         "attention_bias": False,
         "use_sliding_window": False,
     }

@@ -11,7 +11,7 @@ layer is also checked against `Qwen3MoeSparseMoeBlock` and its loss against
 Changes from llama31/model.py:
 - QK-Norm: RMSNorm over head_dim on every query and key head, before RoPE (report sec. 2);
 - head_dim is a Config field (128 at every size), no longer n_embd // n_head;
-- RoPE base 1,000,000 and no Llama 3.1 frequency scaling (the fields stay, switched off);
+- RoPE base 1,000,000 and no Llama 3.1 frequency scaling (its Config fields and code are deleted);
 - `Router` and `MoE` (no shared expert; top-k probabilities renormalised), used in every layer
   picked by `decoder_sparse_step` and not in `mlp_only_layers`, as Hugging Face does. `MoE` runs
   either a readable loop over experts or grouped matmuls over tokens sorted by expert
@@ -50,10 +50,6 @@ class Config:
     norm_eps: float = 1e-6  # RMSNorm epsilon, also of QK-Norm
     tie_embeddings: bool = False  # lm_head shares the token-embedding matrix (0.6B, 1.7B, 4B)
     rope_theta: float = 1000000.0  # RoPE base, raised from 10,000 by ABF (Xiong et al., 2023) for long context
-    rope_factor: float | None = None  # Llama 3.1 RoPE scaling: low frequencies slowed by this; None = off
-    rope_low_freq_factor: float = 1.0  # wavelengths > rope_original_block_size / this: fully scaled
-    rope_high_freq_factor: float = 4.0  # wavelengths < rope_original_block_size / this: unchanged
-    rope_original_block_size: int = 8192  # the pre-training context, before long-context training
     # mixture of experts (Qwen3-MoE); n_experts = 0 is a dense model
     n_experts: int = 0  # routed experts in each MoE layer
     n_experts_per_tok: int = 8  # top-k: experts each token runs through
@@ -68,8 +64,7 @@ class Config:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim",
-                     "intermediate_size", "rope_original_block_size", "n_experts_per_tok", "moe_intermediate_size",
-                     "decoder_sparse_step"):
+                     "intermediate_size", "n_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_heads != 0:
@@ -82,11 +77,6 @@ class Config:
             raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"Config.rope_theta must be > 0, got {self.rope_theta!r}")
-        if self.rope_factor is not None and not self.rope_factor > 0:
-            raise ValueError(f"Config.rope_factor must be > 0 or None (no scaling), got {self.rope_factor!r}")
-        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
-            raise ValueError(f"Config.rope_low_freq_factor ({self.rope_low_freq_factor}) must be > 0 and below "
-                             f"Config.rope_high_freq_factor ({self.rope_high_freq_factor})")
         if not isinstance(self.n_experts, int) or self.n_experts < 0:
             raise ValueError(f"Config.n_experts must be an integer >= 0 (0: dense), got {self.n_experts!r}")
         if self.n_experts and self.n_experts_per_tok > self.n_experts:
@@ -186,15 +176,6 @@ def precompute_rope(cfg: Config):
     """cos and sin of the rotation angle m * theta_i for every position m < block_size."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (head_dim/2,) eq. 15
-    if cfg.rope_factor is not None:
-        # Llama 3.1 (Meta's llama-models, apply_scaling): frequencies whose wavelength exceeds the
-        # original context / low_freq_factor are divided by rope_factor (position interpolation,
-        # Chen et al., 2023), those shorter than context / high_freq_factor are kept, and between the
-        # two the result blends linearly in (turns per original context) = context / wavelength
-        turns = cfg.rope_original_block_size / (2 * math.pi / inv_freq)  # (head_dim/2,)
-        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        smooth = ((turns - lo) / (hi - lo)).clamp(0, 1)  # 0: fully scaled ... 1: unchanged
-        inv_freq = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim): dim i pairs with i + head_dim/2
     return angles.cos(), angles.sin()

@@ -13,7 +13,6 @@ from registry import MODELS
 COPIES = {
     "Config.from_preset": ["gpt2", "llama31", "qwen3"],
     "RMSNorm": ["llama31", "qwen3"],
-    "precompute_rope": ["llama31", "qwen3"],
     "apply_rope": ["llama31", "qwen3"],
     "KVCache": ["gpt2", "llama31", "qwen3"],
     "causal_attention": ["gpt2", "llama31", "qwen3"],

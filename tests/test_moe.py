@@ -226,6 +226,19 @@ def test_published_config_json_maps_to_the_presets():
         config_from_hf(dict(dense, use_sliding_window=True))
 
 
+@pytest.mark.parametrize("rope", [
+    dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),  # 4.x
+    dict(rope_scaling={"type": "yarn", "factor": 4.0}),  # the oldest spelling
+    dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}),  # transformers >= 5
+])
+def test_config_json_asking_for_rope_scaling_is_rejected(rope):
+    dense = dict(model_type="qwen3", vocab_size=151936, max_position_embeddings=40960, hidden_size=1024,
+                 intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8)
+    assert config_from_hf(dense).rope_theta == 10000.0  # no rope_* keys at all: transformers' default base
+    with pytest.raises(ValueError, match="RoPE scaling of type '(yarn|llama3)'.*only 'default'"):
+        config_from_hf(dict(dense, **rope))
+
+
 def test_training_loss_adds_the_balancing_loss_and_eval_loss_does_not():
     model = by_name("qwen3_moe").build(router_aux_loss_coef=0.5)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 7))
