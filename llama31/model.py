@@ -323,8 +323,9 @@ class Transformer(nn.Module):
             if outside.any():  # one host sync per forward; the details are read only on failure
                 raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
-    def forward(self, idx, targets=None, *, cache=None, pos=0):
+    def forward(self, idx, targets=None, *, cache=None, pos=0, aux=None):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
+        # aux: None, or a dict this call fills with training statistics of this forward (none in dense models)
         self.check_input(idx, pos)
         x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
         T = idx.size(1)

@@ -16,14 +16,14 @@ Changes from llama31/model.py:
   picked by `decoder_sparse_step` and not in `mlp_only_layers`, as Hugging Face does. `MoE` runs
   either a readable loop over experts or grouped matmuls over tokens sorted by expert
   (`moe_impl`); tests/test_moe.py proves them equal;
-- the Switch Transformer load-balancing loss, added to the loss in training mode;
-  `num_params(active=True)` counts the parameters one token runs through;
-- Block returns its router logits beside x; hf.py maps both checkpoint kinds.
+- the Switch Transformer load-balancing loss, added to the loss in training mode and reported
+  with the expert load through forward's `aux`; `num_params(active=True)` counts the parameters
+  one token runs through;
+- Block returns its router logits and chosen experts beside x; hf.py maps both checkpoint kinds.
 
 Not here: Qwen 3's "global-batch" balancing (Qiu et al., 2025), which pools expert counts over
 all data-parallel ranks and micro-batches (this loss pools over the layers of one micro-batch, as
-transformers does); YaRN for contexts beyond 32K; sliding-window attention
-(off in every released Qwen 3).
+transformers does); YaRN for contexts beyond 32K; sliding-window attention (off in every release).
 """
 
 import math
@@ -293,7 +293,7 @@ class Router(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.n_experts, self.top_k, self.norm_topk_prob = cfg.n_experts, cfg.n_experts_per_tok, cfg.norm_topk_prob
+        self.top_k, self.norm_topk_prob = cfg.n_experts_per_tok, cfg.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
 
     def forward(self, x):
@@ -305,6 +305,60 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts, logits
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts (Shazeer et al. 2017; Qwen3 technical report sec. 2):
+    each token runs through its top-k experts and their outputs are summed, weighted by the
+    router. Qwen 3 has no shared expert (unlike Qwen2-MoE and DeepSeek-V3)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.impl = cfg.moe_impl
+        self.router = Router(cfg)
+        E, D, H = cfg.n_experts, cfg.n_embd, cfg.moe_intermediate_size
+        # expert e computes w2[e] (silu(w1[e] x) * w3[e] x); stacked (E, out, in) so that one
+        # grouped matmul runs every expert at once
+        self.w1 = nn.Parameter(torch.empty(E, H, D))  # gate
+        self.w2 = nn.Parameter(torch.empty(E, D, H))  # down
+        self.w3 = nn.Parameter(torch.empty(E, H, D))  # up
+
+    def forward(self, x):
+        """x: (B, T, n_embd) -> output (B, T, n_embd), router logits (B*T, n_experts), chosen experts (B*T, k)."""
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (N, D): routing is per token
+        weights, experts, logits = self.router(x)  # (N, k), (N, k), (N, E)
+        run = self.experts_loop if self.impl == "loop" else self.experts_grouped
+        return run(x, weights, experts).view(B, T, D), logits, experts
+
+    def experts_loop(self, x, weights, experts):
+        """The reference: per expert, gather its tokens, run its MLP, scatter-add the weighted result.
+        Idle experts still run (on 0 tokens) so every parameter gets a gradient, as DDP requires."""
+        out = torch.zeros_like(x)  # (N, D)
+        for e, (w1, w2, w3) in enumerate(zip(self.w1, self.w2, self.w3)):  # one unbind: cheap backward
+            token, slot = torch.where(experts == e)  # tokens routed to e, and which of their k picks
+            h = x[token]  # (n_e, D)
+            h = F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)  # (n_e, D)
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return out
+
+    def experts_grouped(self, x, weights, experts):
+        """The fast path (as in MegaBlocks, Gale et al. 2022): sort the N*k (token, pick) pairs by
+        expert so each expert's rows are contiguous, then one grouped matmul per projection."""
+        N, k = experts.shape
+        order = experts.flatten().argsort(stable=True)  # (N*k,) pairs, sorted by expert
+        offs = torch.bincount(experts.flatten(), minlength=self.w1.size(0)).cumsum(0).to(torch.int32)  # (E,)
+        # index_select is x[...] for one index tensor, several times faster on CPU
+        h = x.index_select(0, order // k)  # (N*k, D): pair p belongs to token p // k
+        h = grouped_mm(F.silu(grouped_mm(h, self.w1, offs)) * grouped_mm(h, self.w3, offs), self.w2, offs)
+        # back to (token, pick) order with the inverse permutation, a scatter (cheaper than argsort)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
+        h = h.index_select(0, inverse).view(N, k, -1)  # (N, k, D)
+        return (h * weights.unsqueeze(-1)).sum(dim=1)  # (N, D): a sum, not index_add_, so CUDA is deterministic
+
+
+# -----------------------------------------------------------------------------
+# MoE performance path: MoE.experts_grouped's grouped matmul and its device, alignment and autocast handling
 
 
 def grouped_mm(x, w, offs):
@@ -334,68 +388,29 @@ def padded_bmm(x, w, offs):
     return torch.bmm(batch, w.transpose(1, 2).to(batch.dtype))[group, row]  # (S, out)
 
 
-class MoE(nn.Module):
-    """Sparse mixture of SwiGLU experts (Shazeer et al. 2017; Qwen3 technical report sec. 2):
-    each token runs through its top-k experts and their outputs are summed, weighted by the
-    router. Qwen 3 has no shared expert (unlike Qwen2-MoE and DeepSeek-V3)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.impl = cfg.moe_impl
-        self.router = Router(cfg)
-        E, D, H = cfg.n_experts, cfg.n_embd, cfg.moe_intermediate_size
-        # expert e computes w2[e] (silu(w1[e] x) * w3[e] x); stacked (E, out, in) so that one
-        # grouped matmul runs every expert at once
-        self.w1 = nn.Parameter(torch.empty(E, H, D))  # gate
-        self.w2 = nn.Parameter(torch.empty(E, D, H))  # down
-        self.w3 = nn.Parameter(torch.empty(E, H, D))  # up
-
-    def forward(self, x):
-        """x: (B, T, n_embd) -> (output (B, T, n_embd), router logits (B*T, n_experts))."""
-        B, T, D = x.shape
-        x = x.reshape(B * T, D)  # (N, D): routing is per token
-        weights, experts, logits = self.router(x)  # (N, k), (N, k), (N, E)
-        run = self.experts_loop if self.impl == "loop" else self.experts_grouped
-        return run(x, weights, experts).view(B, T, D), logits
-
-    def experts_loop(self, x, weights, experts):
-        """The reference: per expert, gather its tokens, run its MLP, scatter-add the weighted result.
-        Idle experts still run (on 0 tokens) so every parameter gets a gradient, as DDP requires."""
-        out = torch.zeros_like(x)  # (N, D)
-        for e, (w1, w2, w3) in enumerate(zip(self.w1, self.w2, self.w3)):  # one unbind: cheap backward
-            token, slot = torch.where(experts == e)  # tokens routed to e, and which of their k picks
-            h = x[token]  # (n_e, D)
-            h = F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)  # (n_e, D)
-            out.index_add_(0, token, h * weights[token, slot, None])
-        return out
-
-    def experts_grouped(self, x, weights, experts):
-        """The fast path (as in MegaBlocks, Gale et al. 2022): sort the N*k (token, pick) pairs by
-        expert so each expert's rows are contiguous, then one grouped matmul per projection."""
-        N, k = experts.shape
-        order = experts.flatten().argsort(stable=True)  # (N*k,) pairs, sorted by expert
-        offs = torch.bincount(experts.flatten(), minlength=self.w1.size(0)).cumsum(0).to(torch.int32)  # (E,)
-        # index_select is x[...] for one index tensor, several times faster on CPU
-        h = x.index_select(0, order // k)  # (N*k, D): pair p belongs to token p // k
-        h = grouped_mm(F.silu(grouped_mm(h, self.w1, offs)) * grouped_mm(h, self.w3, offs), self.w2, offs)
-        # back to (token, pick) order with the inverse permutation, a scatter (cheaper than argsort)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=order.device))
-        h = h.index_select(0, inverse).view(N, k, -1)  # (N, k, D)
-        return (h * weights.unsqueeze(-1)).sum(dim=1)  # (N, D): a sum, not index_add_, so CUDA is deterministic
+# -----------------------------------------------------------------------------
+# Load balancing: the auxiliary loss and the expert-load statistic, from the routing MoE returns
 
 
-def load_balancing_loss(router_logits, top_k):
+def expert_load(experts, n_experts):
+    """experts: (N, k) expert ids -> (n_experts,) float32, the (token, pick) pairs each expert received."""
+    ids = experts.flatten()  # (N*k,); scatter_add_, not bincount: a static shape, no torch.compile graph break
+    return ids.new_zeros(n_experts).scatter_add_(0, ids, torch.ones_like(ids)).float()
+
+
+def load_balancing_loss(router_logits, experts):
     """Switch Transformer's auxiliary loss (Fedus et al. 2021, eq. 4-6) for top-k routing, pooled
     over all MoE layers as in Hugging Face's `load_balancing_loss_func`:
         n_experts * sum_i f_i * P_i,
     f_i the fraction of (token, layer) rows whose top-k holds expert i, P_i the mean router
     probability of expert i. f sums to k, so perfectly even routing scores k; only P is
-    differentiable. router_logits: one (N, n_experts) tensor per MoE layer."""
-    logits = torch.cat(router_logits)  # (n_moe_layers * N, E)
+    differentiable. router_logits, experts: one (N, n_experts) and one (N, k) tensor per MoE layer,
+    the router's logits and the experts it chose (reused, not picked again by a second top-k)."""
+    logits = torch.cat(router_logits)  # (rows, E), rows = n_moe_layers * N
     E = logits.size(-1)
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-    picked = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, E).sum(dim=1)  # (rows, E), 0 or 1
-    f = picked.float().mean(dim=0)  # (E,)
+    # a row's k picks are distinct, so the picks of expert i count the rows whose top-k holds i
+    f = expert_load(torch.cat(experts), E) / logits.size(0)  # (E,)
     P = probs.mean(dim=0)  # (E,)
     return E * (f * P).sum()
 
@@ -414,12 +429,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
-        # diff vs llama31: return the router logits too (None in a dense layer), for the balancing loss
+        # diff vs llama31: an MoE layer also returns its routing (None, None if dense) for the balancing loss
         if isinstance(self.mlp, MoE):
-            y, router_logits = self.mlp(self.mlp_norm(x))
+            y, router_logits, experts = self.mlp(self.mlp_norm(x))
         else:
-            y, router_logits = self.mlp(self.mlp_norm(x)), None
-        return x + y, router_logits
+            y, router_logits, experts = self.mlp(self.mlp_norm(x)), None, None
+        return x + y, router_logits, experts
 
 
 # -----------------------------------------------------------------------------
@@ -469,28 +484,34 @@ class Transformer(nn.Module):
             if outside.any():  # one host sync per forward; the details are read only on failure
                 raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
-    def forward(self, idx, targets=None, *, cache=None, pos=0):
+    def forward(self, idx, targets=None, *, cache=None, pos=0, aux=None):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
+        # aux: None, or a dict this call fills with training statistics of this forward (none in dense models)
         self.check_input(idx, pos)
         x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
         T = idx.size(1)
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, head_dim), sliced once for all layers
-        router_logits = []  # diff vs llama31: one (B*T, n_experts) per MoE layer
+        router_logits, experts = [], []  # diff vs llama31: per MoE layer, (B*T, n_experts) and the chosen (B*T, k)
         for i, layer in enumerate(self.layers):
-            x, layer_router_logits = layer(x, cos, sin, None if cache is None else cache[i], pos)
-            if layer_router_logits is not None:
-                router_logits.append(layer_router_logits)
+            x, layer_logits, layer_experts = layer(x, cos, sin, None if cache is None else cache[i], pos)
+            if layer_logits is not None:
+                router_logits.append(layer_logits)
+                experts.append(layer_experts)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            # diff vs llama31: the load-balancing loss is a training regulariser, added in training
-            # mode only, so eval loss stays the cross-entropy comparable with dense models (and with
-            # transformers' loss, which adds it only when output_router_logits is set). It counts
-            # every token, ignore_index ones included, as transformers does without an attention mask.
-            if self.training and router_logits and self.cfg.router_aux_loss_coef > 0:
-                aux = load_balancing_loss(router_logits, self.cfg.n_experts_per_tok)
-                loss = loss + self.cfg.router_aux_loss_coef * aux
+        # diff vs llama31: the load-balancing loss regularises training only, so eval loss stays the
+        # cross-entropy, comparable with dense models and transformers' (without output_router_logits).
+        # It counts every token, ignore_index ones included, as transformers does without an attention mask.
+        add_balance = loss is not None and self.training and self.cfg.router_aux_loss_coef > 0
+        if router_logits and (add_balance or aux is not None):
+            balance = load_balancing_loss(router_logits, experts)  # () float32, once for both uses
+            if add_balance:
+                loss = loss + self.cfg.router_aux_loss_coef * balance
+            if aux is not None:  # in any mode; detached, so a logger never holds on to the graph
+                aux["load_balancing_loss"] = balance.detach()  # unweighted: the loss adds coef times this
+                aux["expert_load"] = torch.stack([expert_load(e, self.cfg.n_experts) for e in experts])  # (n_moe, E)
         return logits, loss
 
     def make_cache(self, batch_size, max_seq_len=None):

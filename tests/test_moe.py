@@ -1,6 +1,6 @@
 """Qwen 3's mixture-of-experts layer: the grouped fast path equals the readable loop, the router
-keeps its promises, the load-balancing loss is Hugging Face's, and the block matches
-transformers' Qwen3MoeSparseMoeBlock weight for weight."""
+keeps its promises, the load-balancing loss is Hugging Face's, the block matches transformers'
+Qwen3MoeSparseMoeBlock weight for weight, and forward's `aux` reports the routing statistics."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen3.hf import config_from_hf
-from qwen3.model import MoE, Config, Router, grouped_mm, load_balancing_loss, padded_bmm
+from qwen3.model import MoE, Config, Router, expert_load, grouped_mm, load_balancing_loss, padded_bmm
 from registry import by_name
 
 
@@ -44,9 +44,9 @@ def test_grouped_equals_loop(n_tokens, n_experts, data, norm_topk_prob, seed):
     top_k = data.draw(st.integers(1, n_experts), label="top_k")
     moe = random_moe(moe_config(n_experts=n_experts, top_k=top_k, norm_topk_prob=norm_topk_prob), seed)
     x = torch.randn(1, n_tokens, moe.w1.size(2), generator=torch.Generator().manual_seed(seed))
-    y_loop, logits_loop = run(moe, x, "loop")
-    y_grouped, logits_grouped = run(moe, x, "grouped")
-    assert torch.equal(logits_loop, logits_grouped)
+    y_loop, logits_loop, experts_loop = run(moe, x, "loop")
+    y_grouped, logits_grouped, experts_grouped = run(moe, x, "grouped")
+    assert torch.equal(logits_loop, logits_grouped) and torch.equal(experts_loop, experts_grouped)
     torch.testing.assert_close(y_grouped, y_loop, rtol=1e-5, atol=1e-5)
 
 
@@ -57,8 +57,8 @@ def test_grouped_equals_loop_gradients():
     for impl in ("loop", "grouped"):
         moe.zero_grad()
         xi = x.clone().requires_grad_()
-        y, logits = run(moe, xi, impl)
-        ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + load_balancing_loss([logits], 3)).backward()
+        y, logits, experts = run(moe, xi, impl)
+        ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + load_balancing_loss([logits], [experts])).backward()
         grads[impl] = [xi.grad] + [p.grad for p in moe.parameters()]
     for g_loop, g_grouped in zip(grads["loop"], grads["grouped"]):
         torch.testing.assert_close(g_grouped, g_loop, rtol=1e-5, atol=1e-5)
@@ -68,7 +68,7 @@ def test_grouped_equals_loop_gradients():
 def test_idle_experts_get_a_zero_gradient(impl):
     # DDP needs a gradient for every parameter on every step, even for experts no token chose
     moe = random_moe(moe_config(n_experts=16, top_k=1))
-    y, _ = run(moe, torch.randn(1, 3, 24), impl)
+    y, *_ = run(moe, torch.randn(1, 3, 24), impl)
     y.sum().backward()
     assert all(p.grad is not None for p in moe.parameters())
     idle = [e for e in range(16) if moe.w1.grad[e].abs().sum() == 0]
@@ -120,6 +120,7 @@ def test_load_balancing_loss_matches_an_explicit_formula_and_hugging_face():
     g = torch.Generator().manual_seed(0)
     E, k = 6, 2
     layers = [torch.randn(11, E, generator=g) for _ in range(3)]
+    picks = [F.softmax(logits, dim=-1).topk(k, dim=-1).indices for logits in layers]  # what the Router chooses
     # independent formula: Switch Transformer eq. 4 with the top-k fraction f_i, pooled over layers
     rows = torch.cat(layers)
     probs = rows.softmax(-1)
@@ -127,18 +128,28 @@ def test_load_balancing_loss_matches_an_explicit_formula_and_hugging_face():
     f = torch.tensor([(top == i).any(-1).float().mean().item() for i in range(E)])
     P = probs.mean(0)
     expected = E * sum(f[i] * P[i] for i in range(E))
-    got = load_balancing_loss(layers, k)
+    got = load_balancing_loss(layers, picks)
     torch.testing.assert_close(got, expected)
     hf = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
     torch.testing.assert_close(got, hf.load_balancing_loss_func(tuple(layers), E, k))
-    # perfectly even routing scores k (f sums to k, P = 1/E)
-    torch.testing.assert_close(load_balancing_loss([torch.zeros(4, E)], k), torch.tensor(float(k)))
+    # perfectly even routing scores k (f sums to k, P = 1/E), whichever k distinct experts are picked
+    even_picks = torch.arange(4 * k).view(4, k) % E
+    torch.testing.assert_close(load_balancing_loss([torch.zeros(4, E)], [even_picks]), torch.tensor(float(k)))
 
 
 def test_load_balancing_loss_gradient_flows_through_the_probabilities_only():
     logits = torch.randn(10, 5, requires_grad=True)
-    load_balancing_loss([logits], 2).backward()
+    load_balancing_loss([logits], [logits.detach().topk(2, dim=-1).indices]).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_routing_statistics_compile_without_graph_breaks():
+    # static output shapes (scatter_add_, not bincount), so a compiled training step stays one graph
+    logits, experts = torch.randn(9, 5), torch.randint(0, 5, (9, 2))
+    compiled_load = torch.compile(expert_load, fullgraph=True, backend="eager")
+    assert torch.equal(compiled_load(experts, 5), torch.bincount(experts.flatten(), minlength=5).float())
+    compiled_loss = torch.compile(load_balancing_loss, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled_loss([logits], [experts]), load_balancing_loss([logits], [experts]))
 
 
 def hf_block(cfg, moe, experts_implementation):
@@ -167,7 +178,7 @@ def test_moe_matches_hugging_face_block(impl, norm_topk_prob, experts_implementa
     theirs = hf_block(cfg, moe, experts_implementation)
     x = torch.randn(3, 5, 20)
     with torch.no_grad():
-        y, _ = run(moe, x, impl)
+        y, *_ = run(moe, x, impl)
         expected = theirs(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -239,34 +250,58 @@ def test_config_json_asking_for_rope_scaling_is_rejected(rope):
         config_from_hf(dict(dense, **rope))
 
 
+def record_routing(model):
+    """The test's own view of every Router call: (logits, chosen experts), in layer order."""
+    calls = []
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_hook(lambda m, i, o: calls.append((o[2].detach(), o[1])))
+    return calls
+
+
 def test_training_loss_adds_the_balancing_loss_and_eval_loss_does_not():
     model = by_name("qwen3_moe").build(router_aux_loss_coef=0.5)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 7))
-    router_logits = []
-    hooks = [m.register_forward_hook(lambda m, i, o: router_logits.append(o[2])) for m in model.modules()
-             if isinstance(m, Router)]
+    routing = record_routing(model)
     logits, loss = model.train()(idx, idx)
     ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
-    torch.testing.assert_close(loss, ce + 0.5 * load_balancing_loss(router_logits, model.cfg.n_experts_per_tok))
+    expected = load_balancing_loss([r for r, _ in routing], [e for _, e in routing])
+    torch.testing.assert_close(loss, ce + 0.5 * expected)
     logits, loss = model.eval()(idx, idx)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()))
-    for h in hooks:
-        h.remove()
 
 
-def test_train_py_logs_expert_load_and_balancing_loss_through_hooks():
-    from qwen3.train import MoEStats
+def test_aux_reports_this_forwards_expert_load_and_balancing_loss():
+    # 3 layers, the middle one dense: expert_load has one row per MoE layer only
+    model = by_name("qwen3_moe").build(n_layer=3, mlp_only_layers=(1,), router_aux_loss_coef=0.25)
+    E, k, (B, T) = model.cfg.n_experts, model.cfg.n_experts_per_tok, (3, 7)
+    idx = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    routing = record_routing(model)
+    aux = {}
+    logits, loss = model.train()(idx, idx, aux=aux)
+    assert sorted(aux) == ["expert_load", "load_balancing_loss"] and len(routing) == 2
+    load, balance = aux["expert_load"], aux["load_balancing_loss"]
+    assert load.dtype == balance.dtype == torch.float32 and not (load.requires_grad or balance.requires_grad)
+    assert load.shape == (2, E) and balance.shape == ()
+    assert load.sum(-1).tolist() == [B * T * k] * 2  # every (token, pick) pair counted once per layer
+    assert torch.equal(load, torch.stack([torch.bincount(e.flatten(), minlength=E) for _, e in routing]).float())
+    torch.testing.assert_close(balance, load_balancing_loss([r for r, _ in routing], [e for _, e in routing]))
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()) + 0.25 * balance)
+    # eval mode: the same statistics are reported, and not added to the loss
+    aux_eval = {}
+    logits, loss = model.eval()(idx, idx, aux=aux_eval)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()))
+    assert torch.equal(aux_eval["expert_load"], load)
+    torch.testing.assert_close(aux_eval["load_balancing_loss"], balance)
 
-    model = by_name("qwen3_moe").build(router_aux_loss_coef=1.0)
-    stats = MoEStats(model, torch.device("cpu"))
-    idx = torch.randint(0, model.cfg.vocab_size, (3, 5))
-    _, with_aux = model.train()(idx, idx)
-    logits, _ = model.eval()(idx, idx)  # not counted
-    assert stats.forwards == 1
-    assert stats.load.sum(-1).tolist() == [15 * model.cfg.n_experts_per_tok] * model.cfg.n_layer
-    aux, imbalance = stats.summary()
-    assert aux == pytest.approx((with_aux - F.cross_entropy(logits.flatten(0, 1), idx.flatten())).item(), rel=1e-5)
-    assert imbalance >= 1.0 and stats.forwards == 0
+
+@pytest.mark.parametrize("name", ["gpt2", "llama31", "qwen3"])
+def test_aux_stays_empty_for_dense_models(name):
+    model = by_name(name).build()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    aux = {}
+    model.train()(idx, idx, aux=aux)
+    assert aux == {}
 
 
 def test_loading_accepts_the_fused_expert_tensors_of_transformers_in_memory():
