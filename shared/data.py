@@ -79,7 +79,9 @@ def write_shard(path: str | Path, tokens, dtype=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temp name in the same directory (same filesystem, so os.replace is atomic) lets
     # several processes write the same shard at once; the last rename wins with equal content.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Mode 0o666 less the umask, as any new file (mkstemp's 0o600 would hide it from the group).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header.tobytes())

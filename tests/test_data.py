@@ -83,6 +83,19 @@ def test_write_dtype_override_and_bad_ids(tmp_path):
     assert read_header(tmp_path / "s.bin") == (VERSION_UINT32, 3)  # failed writes left it alone
 
 
+@pytest.fixture
+def umask_002():
+    """A group-writable umask, so a mode taken from it differs from both 0o600 and a fixed 0o644."""
+    old = os.umask(0o002)
+    yield
+    os.umask(old)
+
+
+def test_shard_mode_follows_umask(tmp_path, umask_002):
+    write_shard(tmp_path / "s.bin", [1, 2, 3])
+    assert (tmp_path / "s.bin").stat().st_mode & 0o777 == 0o664  # not tempfile's 0o600
+
+
 def corrupt(path, offset, data):
     with open(path, "r+b") as f:
         f.seek(offset)
