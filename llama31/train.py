@@ -101,21 +101,35 @@ def parse_args(argv=None):
 def config_from_args(args):
     if args.init_from:
         return hf.read_config(args.init_from)
+    try:
+        return Config.from_preset(args.preset, **parse_overrides(args.set))
+    except ValueError as e:  # a bad --set or a Config check: one line, no traceback
+        raise SystemExit(str(e)) from None
+
+
+def parse_overrides(items):
+    """["n_layer=2", "norm_eps=1e-6"] -> {"n_layer": 2, "norm_eps": 1e-6}: --set's FIELD=VALUE strings,
+    each value parsed as its Config field's type. bench/ parses its --set with this too."""
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     overrides = {}
-    for item in args.set:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in types:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
         try:
             overrides[name] = parse_field(types[name], value)
         except ValueError:
-            raise SystemExit(f"--set {item!r}: {value!r} is not a valid {types[name]}") from None
-    return Config.from_preset(args.preset, **overrides)
+            type_name = getattr(types[name], "__name__", str(types[name]))
+            raise ValueError(f"--set {item!r}: {value!r} is not a valid {type_name}") from None
+    return overrides
 
 
 def parse_field(field_type, value: str):
-    """Parse a command-line string as a Config field's type (int, float, bool, str, or X | None)."""
+    """One command-line string as a Config field's type: int, float, bool, str, X | None, or a
+    tuple written comma-separated ("1,3"; "" is the empty tuple)."""
+    if typing.get_origin(field_type) is tuple:
+        item_type = typing.get_args(field_type)[0]
+        return tuple(item_type(v) for v in value.split(",") if v.strip())
     options = typing.get_args(field_type) or (field_type,)
     if type(None) in options and value.lower() == "none":
         return None
@@ -192,6 +206,34 @@ def set_gradient_sync(wrapped, args, enabled):
         module.require_backward_grad_sync = enabled
     elif args.parallel == "fsdp":
         module.set_requires_gradient_sync(enabled)
+
+
+# -----------------------------------------------------------------------------
+# What this model changes about training: the extension points. The loop calls them at fixed
+# places in every model's train.py; `make_optimizer` and `TrainingExtras` are the only code that
+# may differ between the copies (tests/test_copies.py checks the rest, and their signatures).
+
+
+class TrainingExtras:
+    """Nothing beyond the loss: every hook is a no-op. A model that needs more (statistics from its
+    forward's aux dict, an update after each optimizer step) fills these methods in."""
+
+    def __init__(self, model, args, device):
+        pass
+
+    def describe(self):
+        """Extra words for the start-up log line."""
+        return ""
+
+    def after_forward(self, aux):
+        """Called with the aux dict the model's forward filled, once per micro-batch."""
+
+    def after_step(self, model):
+        """Called on every rank after each optimizer step (e.g. a router-bias update or a weight rescale)."""
+
+    def summary(self):
+        """Figures since the last summary, reduced over ranks, to log and record: {name: float}."""
+        return {}
 
 
 # -----------------------------------------------------------------------------
@@ -301,12 +343,17 @@ def evaluate(wrapped, loader, args, device, autocast):
     return all_mean(total / args.eval_steps).item()
 
 
-def peak_flops(args, device):
+# dense bf16 tensor-core peaks in TFLOP/s (SXM parts), matched against torch.cuda.get_device_name;
+# bench/mfu.py reads this table too
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0}
+
+
+def peak_flops(args, device, compute_dtype):
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    if device.type == "cuda":  # dense bf16 tensor-core peaks
+    if device.type == "cuda" and compute_dtype == torch.bfloat16:  # fp32/tf32 peaks differ
         name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("4090", 165)):
+        for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
     return None
@@ -328,6 +375,7 @@ def main(argv=None):
         raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's block_size {cfg.block_size}")
     model, wrapped = build_model(args, cfg, device, compute_dtype)
     optimizer = make_optimizer(model, args, device)
+    extras = TrainingExtras(model, args, device)
     tokenizer = load_tokenizer(args.tokenizer)
     out_dir, ckpt = Path(args.out_dir), checkpoint_path(args)
 
@@ -364,8 +412,8 @@ def main(argv=None):
                          f"processes = {tokens_per_micro}")
     accum = total_batch // tokens_per_micro
     flops_per_step = model.flops_per_token(args.seq_len) * total_batch
-    peak = peak_flops(args, device)
-    log(f"{model.num_params():,} parameters | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
+    peak = peak_flops(args, device, compute_dtype)
+    log(f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
         f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -394,10 +442,12 @@ def main(argv=None):
         for micro in range(accum):
             x, y = train_loader.next_batch()
             set_gradient_sync(wrapped, args, enabled=micro == accum - 1)
+            aux = {}  # the forward's own statistics, e.g. a mixture of experts' load
             with autocast:
-                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True), aux=aux)
             (loss / accum).backward()  # accumulated gradients = gradient of the mean loss
             loss_sum += loss.detach()
+            extras.after_forward(aux)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         train_loss = all_mean(loss_sum / accum).item()
@@ -406,15 +456,19 @@ def main(argv=None):
             raise SystemExit(f"loss is {train_loss} at step {step}: stopping without updating; {last}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        extras.after_step(model)
         step += 1
 
+        figures = {}
         if step % args.log_every == 0 or step == args.max_steps:
             tokens_per_s = total_batch * (step - last_logged) / (time.perf_counter() - t0)
             mfu = flops_per_step / total_batch * tokens_per_s / peak if peak else None
+            figures = extras.summary()
             log(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
-                f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
+                f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                + "".join(f" | {name} {value:.4g}" for name, value in figures.items()))
             t0, last_logged = time.perf_counter(), step
-        record(step=step, loss=train_loss, lr=lr)
+        record(step=step, loss=train_loss, lr=lr, **figures)
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
             val_loss = evaluate(wrapped, val_loader, args, device, autocast)
             log(f"step {step:5d} | val loss {val_loss:.4f}")

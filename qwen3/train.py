@@ -8,7 +8,7 @@
 
 Sections, in the same order in every model's train.py: arguments, distributed set-up, model and
 wrapping, optimizer and schedule, data, checkpointing, the loop, a final sample.
-Changes from llama31/train.py: MoE models log their load-balancing loss and expert load (`MoEStats`).
+Changes from llama31/train.py: MoE models log their load-balancing loss and expert load (`TrainingExtras`).
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from qwen3 import hf
-from qwen3.model import Config, Router, Transformer, load_balancing_loss
+from qwen3.model import Config, Transformer
 from shared.data import DataLoader, default_corpus
 from shared.tokenizer import load_tokenizer
 
@@ -103,21 +103,35 @@ def parse_args(argv=None):
 def config_from_args(args):
     if args.init_from:
         return hf.read_config(args.init_from)
+    try:
+        return Config.from_preset(args.preset, **parse_overrides(args.set))
+    except ValueError as e:  # a bad --set or a Config check: one line, no traceback
+        raise SystemExit(str(e)) from None
+
+
+def parse_overrides(items):
+    """["n_layer=2", "norm_eps=1e-6"] -> {"n_layer": 2, "norm_eps": 1e-6}: --set's FIELD=VALUE strings,
+    each value parsed as its Config field's type. bench/ parses its --set with this too."""
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     overrides = {}
-    for item in args.set:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in types:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
         try:
             overrides[name] = parse_field(types[name], value)
         except ValueError:
-            raise SystemExit(f"--set {item!r}: {value!r} is not a valid {types[name]}") from None
-    return Config.from_preset(args.preset, **overrides)
+            type_name = getattr(types[name], "__name__", str(types[name]))
+            raise ValueError(f"--set {item!r}: {value!r} is not a valid {type_name}") from None
+    return overrides
 
 
 def parse_field(field_type, value: str):
-    """Parse a command-line string as a Config field's type (int, float, bool, str, or X | None)."""
+    """One command-line string as a Config field's type: int, float, bool, str, X | None, or a
+    tuple written comma-separated ("1,3"; "" is the empty tuple)."""
+    if typing.get_origin(field_type) is tuple:
+        item_type = typing.get_args(field_type)[0]
+        return tuple(item_type(v) for v in value.split(",") if v.strip())
     options = typing.get_args(field_type) or (field_type,)
     if type(None) in options and value.lower() == "none":
         return None
@@ -196,43 +210,48 @@ def set_gradient_sync(wrapped, args, enabled):
         module.set_requires_gradient_sync(enabled)
 
 
-class MoEStats:
-    """Expert load and load-balancing loss of the training forwards, read by forward hooks on the
-    Router modules, so the model holds no extra state and DDP, FSDP and torch.compile wrap it
-    unchanged (the hooks sit on the inner modules). Evaluation and sampling (eval mode) are not
-    counted. Recomputation under --activation-checkpointing repeats identical routing, which leaves
-    both figures unchanged."""
+# -----------------------------------------------------------------------------
+# What this model changes about training: the extension points. The loop calls them at fixed
+# places in every model's train.py; `make_optimizer` and `TrainingExtras` are the only code that
+# may differ between the copies (tests/test_copies.py checks the rest, and their signatures).
 
-    def __init__(self, model, device):
-        self.routers = {m: i for i, m in enumerate(m for m in model.modules() if isinstance(m, Router))}
-        self.n_experts = model.cfg.n_experts
-        for router in self.routers:
-            router.register_forward_hook(self.record)
-        self.load = torch.zeros(len(self.routers), self.n_experts, device=device)  # (MoE layers, n_experts)
-        self.reset()
 
-    def reset(self):
-        self.load.zero_()  # tokens each expert received, per MoE layer, since the last summary
-        self.aux_sum, self.forwards, self.pending = 0.0, 0, []
+class TrainingExtras:
+    """Qwen 3 MoE: logs the load-balancing loss (already part of the training loss) and how evenly
+    the experts are loaded, both read from the aux dict the model's forward fills. Dense: no-ops."""
 
-    def record(self, router, inputs, output):
-        if not router.training:
-            return
-        _, experts, logits = output  # (N, k) expert ids, (N, n_experts)
-        self.load[self.routers[router]] += torch.bincount(experts.flatten(), minlength=self.n_experts)
-        self.pending.append(logits.detach())
-        if len(self.pending) == len(self.routers):  # every MoE layer of one forward: the loss the model adds
-            self.aux_sum += load_balancing_loss(self.pending, router.top_k)
-            self.forwards, self.pending = self.forwards + 1, []
+    def __init__(self, model, args, device):
+        cfg = model.cfg
+        self.n_moe_layers = sum(map(cfg.is_moe_layer, range(cfg.n_layer)))
+        self.active_params = model.num_params(active=True)
+        self.load = torch.zeros(self.n_moe_layers, cfg.n_experts, device=device)  # (MoE layers, n_experts)
+        self.balancing_loss = torch.zeros((), device=device)
+        self.forwards = 0
+
+    def describe(self):
+        return f" ({self.active_params:,} active per token)" if self.n_moe_layers else ""
+
+    def after_forward(self, aux):
+        if "expert_load" in aux:
+            self.load += aux["expert_load"]  # tokens each expert received in each MoE layer
+            self.balancing_loss += aux["load_balancing_loss"]
+            self.forwards += 1
+
+    def after_step(self, model):
+        """Called on every rank after each optimizer step (e.g. a router-bias update or a weight rescale)."""
 
     def summary(self):
-        """Mean balancing loss, and max/mean tokens per expert of the most unbalanced layer (1.0 is
+        """Mean balancing loss, and max/mean tokens per expert in the most unbalanced layer (1.0 is
         even), over all ranks since the last summary."""
-        aux = all_mean(torch.as_tensor(self.aux_sum / max(1, self.forwards), device=self.load.device).float())
+        if not self.n_moe_layers:
+            return {}
+        balancing_loss = all_mean(self.balancing_loss / max(1, self.forwards))
         load = all_mean(self.load.clone())
         imbalance = (load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9)).max()
-        self.reset()
-        return aux.item(), imbalance.item()
+        self.load.zero_()
+        self.balancing_loss.zero_()
+        self.forwards = 0
+        return {"aux_loss": balancing_loss.item(), "expert_load_max_over_mean": imbalance.item()}
 
 
 # -----------------------------------------------------------------------------
@@ -342,12 +361,17 @@ def evaluate(wrapped, loader, args, device, autocast):
     return all_mean(total / args.eval_steps).item()
 
 
-def peak_flops(args, device):
+# dense bf16 tensor-core peaks in TFLOP/s (SXM parts), matched against torch.cuda.get_device_name;
+# bench/mfu.py reads this table too
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0}
+
+
+def peak_flops(args, device, compute_dtype):
     if args.peak_tflops:
         return args.peak_tflops * 1e12
-    if device.type == "cuda":  # dense bf16 tensor-core peaks
+    if device.type == "cuda" and compute_dtype == torch.bfloat16:  # fp32/tf32 peaks differ
         name = torch.cuda.get_device_name(device)
-        for key, tflops in (("H200", 989), ("H100", 989), ("A100", 312), ("L4", 121), ("4090", 165)):
+        for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12
     return None
@@ -369,6 +393,7 @@ def main(argv=None):
         raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's block_size {cfg.block_size}")
     model, wrapped = build_model(args, cfg, device, compute_dtype)
     optimizer = make_optimizer(model, args, device)
+    extras = TrainingExtras(model, args, device)
     tokenizer = load_tokenizer(args.tokenizer)
     out_dir, ckpt = Path(args.out_dir), checkpoint_path(args)
 
@@ -405,10 +430,8 @@ def main(argv=None):
                          f"processes = {tokens_per_micro}")
     accum = total_batch // tokens_per_micro
     flops_per_step = model.flops_per_token(args.seq_len) * total_batch
-    peak = peak_flops(args, device)
-    moe_stats = MoEStats(model, device) if any(map(cfg.is_moe_layer, range(cfg.n_layer))) else None
-    log(f"{model.num_params():,} parameters ({model.num_params(active=True):,} active per token) | "
-        f"{world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
+    peak = peak_flops(args, device, compute_dtype)
+    log(f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
         f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -437,10 +460,12 @@ def main(argv=None):
         for micro in range(accum):
             x, y = train_loader.next_batch()
             set_gradient_sync(wrapped, args, enabled=micro == accum - 1)
+            aux = {}  # the forward's own statistics, e.g. a mixture of experts' load
             with autocast:
-                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True), aux=aux)
             (loss / accum).backward()  # accumulated gradients = gradient of the mean loss
             loss_sum += loss.detach()
+            extras.after_forward(aux)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         train_loss = all_mean(loss_sum / accum).item()
@@ -449,20 +474,19 @@ def main(argv=None):
             raise SystemExit(f"loss is {train_loss} at step {step}: stopping without updating; {last}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        extras.after_step(model)
         step += 1
 
+        figures = {}
         if step % args.log_every == 0 or step == args.max_steps:
             tokens_per_s = total_batch * (step - last_logged) / (time.perf_counter() - t0)
             mfu = flops_per_step / total_batch * tokens_per_s / peak if peak else None
-            moe = ""
-            if moe_stats:  # the loss above includes router_aux_loss_coef * aux
-                aux, imbalance = moe_stats.summary()
-                moe = f" | aux {aux:.4f} | expert load max/mean {imbalance:.2f}"
-                record(step=step, aux_loss=aux, expert_load_max_over_mean=imbalance)
+            figures = extras.summary()
             log(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
-                f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "") + moe)
+                f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                + "".join(f" | {name} {value:.4g}" for name, value in figures.items()))
             t0, last_logged = time.perf_counter(), step
-        record(step=step, loss=train_loss, lr=lr)
+        record(step=step, loss=train_loss, lr=lr, **figures)
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
             val_loss = evaluate(wrapped, val_loader, args, device, autocast)
             log(f"step {step:5d} | val loss {val_loss:.4f}")
