@@ -10,7 +10,9 @@ our extension, stores uint32 for larger ones (Llama 3's 128K, Qwen3's 151K).
     python -m shared.data fineweb --shards 8                         # download fineweb-10B
 
 `prepare` reads .txt, .jsonl/.json, .parquet or a hub dataset through Hugging Face `datasets`
-and tokenizes with every core; see `python -m shared.data prepare --help`.
+and tokenizes with every core; see `python -m shared.data prepare --help`. It replaces --out
+whole (a crash leaves the old or the new shards, never a mix) and refuses a directory holding
+files it did not write; the prepare.json it leaves there says what was prepared.
 
 `DataLoader` memory-maps the shards and yields (x, y) batches strided across DDP ranks, with
 `state_dict()` for exact resume.
@@ -20,7 +22,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import uuid
@@ -137,6 +145,154 @@ def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
     return paths
 
 
+# --- prepare's output directory: written beside it, then swapped in whole ------------------
+# prepare writes the new shards into a fresh directory beside out_dir, under a unique name, and
+# only when they are all there puts it in out_dir's place in one step. So a crash at any moment
+# leaves out_dir old and whole or new and whole (plus the unfinished directory, which the next
+# prepare beside it deletes), shards of an earlier, larger run never survive, and prepares run at
+# once (ranks preparing the default corpus) cannot collide.
+
+MARKER = "prepare.json"  # written last by write_split: what the directory holds, and who made it
+SHARD_NAME = re.compile(r".+_(train|val)_\d{6}\.bin")
+AT_FDCWD, RENAME_EXCHANGE = -100, 2  # Linux renameat2: paths from the working directory; swap
+
+
+def check_replaceable(target: Path, shown) -> None:
+    """Refuse to replace a directory holding anything prepare did not write: it would be deleted."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise DataError(f"{shown}: exists and is not a directory; choose another --out")
+    try:
+        entries = {e.name: e.is_file(follow_symlinks=False) for e in os.scandir(target)}
+    except OSError as e:
+        raise DataError(f"{shown}: cannot list it ({e.strerror})") from e
+    foreign = sorted(n for n, is_file in entries.items() if not (is_file and (n == MARKER or SHARD_NAME.fullmatch(n))))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(
+            f"{shown}: not empty, and holds files prepare did not write ({listed}); choose another --out or empty it"
+        )
+    if entries and MARKER not in entries:  # e.g. downloaded fineweb shards: hours to fetch again
+        raise DataError(
+            f"{shown}: holds shards without a {MARKER} (downloaded, or made by an older prepare); "
+            "choose another --out or delete them"
+        )
+
+
+def is_staging(path: Path, target: Path) -> bool:
+    return re.fullmatch(rf"\.{re.escape(target.name)}\.prepare-[0-9a-f]{{32}}", path.name) is not None
+
+
+def make_staging(target: Path) -> tuple[Path, int]:
+    """A new empty directory beside target, and an open descriptor holding its lock. The kernel
+    drops the lock when this process ends, however it ends: a later prepare then deletes it."""
+    staging = target.with_name(f".{target.name}.prepare-{uuid.uuid4().hex}")
+    creating = staging.with_name(staging.name + ".new")  # a name remove_abandoned leaves alone
+    os.mkdir(creating)  # mode 0o777 less the umask, as any new directory
+    fd = os.open(creating, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(creating, staging)
+    return staging, fd
+
+
+def remove_abandoned(target: Path) -> None:
+    """Delete the staging directories beside target whose prepare died (nobody holds their lock)."""
+    for entry in os.scandir(target.parent):
+        path = Path(entry.path)
+        if not (is_staging(path, target) and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its prepare is running
+            # Its prepare may have finished and renamed it to out_dir just before we locked it.
+            abandoned = os.path.samestat(os.stat(path), os.fstat(fd))
+        except OSError:
+            abandoned = False
+        if abandoned:
+            print(f"removing {path}, left by a prepare that did not finish", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directories' names in one step (Linux renameat2 with RENAME_EXCHANGE), so b never
+    goes missing. False where this system or filesystem cannot; then nothing has moved."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(staging: Path, target: Path, shown) -> Path | None:
+    """Put staging at target; return where target's old contents went (None if there were none)."""
+    while True:
+        if not target.exists():
+            try:
+                os.rename(staging, target)
+                return None
+            except OSError as e:  # another prepare got there first: replace its output instead
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        check_replaceable(target, shown)
+        if exchange(staging, target):
+            return staging
+        # Two renames where the swap is not available: a crash between them leaves no target,
+        # but both complete directories beside it, for the next prepare to delete.
+        aside = target.with_name(f".{target.name}.prepare-{uuid.uuid4().hex}")
+        os.rename(target, aside)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            os.rename(aside, target)
+            raise
+        return aside
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(out_dir: Path) -> Iterator[Path]:
+    """An empty directory to write out_dir's new contents into. When the block ends without an
+    error it takes out_dir's place whole, and out_dir's old contents are deleted."""
+    target = out_dir.resolve()  # a symlink's target, so the swap stays on one filesystem
+    check_replaceable(target, out_dir)  # before the hours of tokenizing; swap_in checks again
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(target)
+        staging, fd = make_staging(target)
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot create a directory beside it ({e.strerror})") from e
+    try:
+        yield staging
+        fsync_dir(staging)  # the shards' names are on disk before they appear at out_dir
+        old = swap_in(staging, target, out_dir)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
 # --- text -> shards ------------------------------------------------------------------------
 
 
@@ -172,11 +328,14 @@ def vocab_dtype(tokenizer: Tokenizer) -> np.dtype:
     return DTYPES[VERSION_UINT16 if tokenizer.vocab_size <= 1 << 16 else VERSION_UINT32]
 
 
-def check_split(source, val_fraction: float, shard_tokens: int) -> None:
+def check_options(source, name: str, val_fraction: float, shard_tokens: int) -> None:
+    """prepare's options, checked before any tokenizing."""
     if not 0 <= val_fraction < 1:
         raise DataError(f"{source}: val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise DataError(f"{source}: shard_tokens must be positive, got {shard_tokens}")
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise DataError(f"{source}: the shard name {name!r} must be a plain file name, without '/'")
 
 
 def write_split(
@@ -184,7 +343,7 @@ def write_split(
     val_fraction: float, shard_tokens: int, source, log: Callable[[str], None] | None = None,
 ) -> None:
     """Write a token stream of known length, arriving in chunks, as {name}_train_000000.bin, ...
-    of `shard_tokens` each and {name}_val_000000.bin, the stream's last `val_fraction`.
+    and {name}_val_000000.bin, the stream's last `val_fraction`; then MARKER, saying what it wrote.
 
     Shards are written as soon as they fill, so memory holds one shard, not the stream.
     """
@@ -193,6 +352,7 @@ def write_split(
     if n_train < 1 or (val_fraction > 0 and n_val < 1):
         raise DataError(f"{source}: {n_tokens} tokens, too few for val_fraction={val_fraction}")
     dtype = vocab_dtype(tokenizer)
+    n_shards = -(-n_train // shard_tokens)
     ends = {  # shard file -> the stream position where it ends
         f"{name}_train_{i:06d}.bin": min(start + shard_tokens, n_train)
         for i, start in enumerate(range(0, n_train, shard_tokens))
@@ -209,11 +369,17 @@ def write_split(
         while file is not None and start + size >= end:
             tokens = held[0] if len(held) == 1 else np.concatenate(held)
             write_shard(out_dir / file, tokens[: end - start], dtype=dtype)
-            log(f"wrote {out_dir / file}: {end - start:,} tokens")
+            log(f"wrote {file}: {end - start:,} tokens")
             held, size, start = [tokens[end - start :]], size - (end - start), end
             file, end = next(shards, (None, None))
     if file is not None or size:
         raise DataError(f"{source}: expected {n_tokens} tokens, got {start + size}")
+    about = {
+        "source": str(source), "name": name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+        "train_tokens": n_train, "train_shards": n_shards, "val_tokens": n_val,
+    }  # fmt: skip
+    (out_dir / MARKER).write_text(json.dumps(about, indent=1) + "\n")
+    log(f"{name}: {n_train:,} train tokens in {n_shards} shards, {n_val:,} val tokens")
 
 
 def prepare(
@@ -224,7 +390,8 @@ def prepare(
     val_fraction: float = 0.1,
     shard_tokens: int = 100_000_000,
 ) -> Path:
-    """Tokenize a text file into {name}_train_000000.bin, ... and {name}_val_000000.bin.
+    """Tokenize a text file into {name}_train_000000.bin, ... and {name}_val_000000.bin in out_dir,
+    which is replaced whole (see `replacing`).
 
     The direct path, in this process and without `datasets` (default_corpus uses it): the text
     and its token stream (4 bytes a token) are held in memory; fine up to a few GB of text.
@@ -232,19 +399,21 @@ def prepare(
     """
     input_path, out_dir = Path(input_path), Path(out_dir)
     tokenizer = tokenizer or gpt2_tokenizer()
-    check_split(input_path, val_fraction, shard_tokens)
+    name = name or input_path.stem
+    check_options(input_path, name, val_fraction, shard_tokens)
     if not input_path.is_file():
         raise DataError(f"{input_path}: input text file not found")
-    tokens = tokenize_file(input_path, tokenizer)
-    name = name or input_path.stem
-    write_split([tokens], len(tokens), out_dir, name, tokenizer, val_fraction, shard_tokens, input_path)
+    with replacing(out_dir) as staging:
+        tokens = tokenize_file(input_path, tokenizer)
+        write_split([tokens], len(tokens), staging, name, tokenizer, val_fraction, shard_tokens, input_path)
     return out_dir
 
 
 def default_corpus(root: str | Path = "data") -> Path:
     """The bundled Shakespeare as shards in root/shakespeare, prepared on first use.
 
-    Ranks launched together may all prepare it at once; atomic writes make that harmless.
+    Ranks launched together may all prepare it at once; each replaces the directory whole, so
+    every rank finds complete shards.
     """
     out_dir = Path(root) / "shakespeare"
     if not all((out_dir / f"shakespeare_{s}_000000.bin").exists() for s in ("train", "val")):
@@ -358,7 +527,7 @@ def prepare_dataset(
     document a row, in `text_column`; empty documents are dropped; each starts with eot. The
     input and its tokens live in Arrow files on disk (see load_corpus for where) and shards are
     written as the tokens stream past, so memory holds one shard. The tokens' Arrow files go to a
-    temporary folder in `out_dir`, deleted at the end.
+    temporary folder beside the shards, deleted at the end; out_dir is replaced whole (see `replacing`).
     """
     import datasets
     import pyarrow.compute as pc
@@ -366,12 +535,13 @@ def prepare_dataset(
 
     source, out_dir = str(source), Path(out_dir)
     tokenizer = tokenizer or gpt2_tokenizer()
-    check_split(source, val_fraction, shard_tokens)
+    name = name or Path(source).stem
+    check_options(source, name, val_fraction, shard_tokens)
     num_proc = (os.cpu_count() or 1) if num_proc is None else num_proc
     if num_proc < 1:
         raise DataError(f"{source}: num_proc must be positive, got {num_proc}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".prepare-") as tmp:
+    # The Arrow files go in a folder inside the new directory, deleted before it is swapped in.
+    with replacing(out_dir) as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-") as tmp:
         cache = None if cache_dir is None else str(cache_dir)
         corpus, column = load_corpus(source, text_column, split, config, num_proc, cache, scratch=tmp)
         dtype = vocab_dtype(tokenizer)
@@ -395,9 +565,8 @@ def prepare_dataset(
                     bar.update(len(ids))
                     yield ids
 
-            name = name or Path(source).stem
-            write_split(chunks(), n_tokens, out_dir, name, tokenizer, val_fraction, shard_tokens, source, bar.write)
-        del corpus, tokens  # close the Arrow files before their folder goes
+            write_split(chunks(), n_tokens, staging, name, tokenizer, val_fraction, shard_tokens, source, bar.write)
+        corpus = tokens = None  # close the Arrow files before their folder goes
     return out_dir
 
 
@@ -520,7 +689,8 @@ dataset is cached in --cache-dir, else $HF_DATASETS_CACHE (default ~/.cache/hugg
         "prepare", help=about, description=inputs, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--input", required=True, help="a .txt, .jsonl, .json or .parquet file, or a hub dataset name")
-    p.add_argument("--out", required=True, type=Path, help="directory for the .bin shards")
+    out_help = "directory for the .bin shards, replaced whole; refused if it holds other files"
+    p.add_argument("--out", required=True, type=Path, help=out_help)
     p.add_argument("--text-column", default="text", help="the documents' column in .jsonl/.json/.parquet/hub (text)")
     p.add_argument("--config", help="hub dataset configuration (subset), e.g. sample-10BT")
     p.add_argument("--split", default="train", help="hub dataset split, e.g. train or 'train[:1%%]' (train)")
@@ -529,7 +699,8 @@ dataset is cached in --cache-dir, else $HF_DATASETS_CACHE (default ~/.cache/hugg
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val (0.1)")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer.json (or its directory)")
     p.add_argument("--name", help="shard name prefix (default: the input's file or dataset name)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per train shard (1e8)")
+    shard_help = "at most this many tokens per train shard (1e8)"
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help=shard_help)
     about = f"download GPT-2-tokenized fineweb-10B shards from the Hugging Face dataset {FINEWEB_REPO}"
     f = commands.add_parser("fineweb", help=about, description=f"{about}; files already present are kept.")
     shards_help = f"number of ~100M-token train shards: 1..{FINEWEB_TRAIN_SHARDS}"

@@ -22,6 +22,7 @@ from shared.data import (
     HEADER_BYTES,
     HEADER_INTS,
     MAGIC,
+    MARKER,
     VERSION_UINT16,
     VERSION_UINT32,
     DataError,
@@ -91,9 +92,15 @@ def umask_002():
     os.umask(old)
 
 
-def test_shard_mode_follows_umask(tmp_path, umask_002):
+def test_modes_follow_umask(tmp_path, umask_002):
     write_shard(tmp_path / "s.bin", [1, 2, 3])
     assert (tmp_path / "s.bin").stat().st_mode & 0o777 == 0o664  # not tempfile's 0o600
+    (tmp_path / "in.txt").write_text("some text to prepare")
+    out = prepare(tmp_path / "in.txt", tmp_path / "o", val_fraction=0.5)
+    assert out.stat().st_mode & 0o777 == 0o775  # not mkdtemp's 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ["in_train_000000.bin", "in_val_000000.bin", MARKER], 0o664
+    )
 
 
 def corrupt(path, offset, data):
@@ -151,16 +158,16 @@ def test_prepare_splits_and_marks_documents(tmp_path):
 
 
 def test_prepare_bad_input(tmp_path):
+    out = tmp_path / "o"
     with pytest.raises(DataError, match=r"nope\.txt: input text file not found"):
-        prepare(tmp_path / "nope.txt", tmp_path)
-    (tmp_path / "tiny.txt").write_text("a")
-    with pytest.raises(DataError, match=r"tiny\.txt: 2 tokens, too few for val_fraction=0.1"):
-        prepare(tmp_path / "tiny.txt", tmp_path, val_fraction=0.1)
-    with pytest.raises(DataError, match=r"val_fraction must be in \[0, 1\)"):
-        prepare(tmp_path / "tiny.txt", tmp_path, val_fraction=1.0)
+        prepare(tmp_path / "nope.txt", out)
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
     with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text"):
-        prepare(tmp_path / "latin1.txt", tmp_path)
+        prepare(tmp_path / "latin1.txt", out)
+    (tmp_path / "t.txt").write_text("a")
+    with pytest.raises(DataError, match=r"the shard name 'a/b' must be a plain file name"):
+        prepare(tmp_path / "t.txt", out, name="a/b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "t.txt"]  # nothing written
 
 
 def test_default_corpus_concurrent_and_cached(tmp_path):
@@ -179,7 +186,7 @@ def test_cli_prepare(tmp_path, capsys):
     (tmp_path / "in.txt").write_text(ENDOFTEXT.join(DOCS), encoding="utf-8")
     args = ["--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "o"), "--val-fraction=0.5", "--num-proc=1"]
     main(["prepare", *args])
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["in_train_000000.bin", "in_val_000000.bin"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["in_train_000000.bin", "in_val_000000.bin", MARKER]
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert exit_.value.code == 1 and "missing.txt: input file not found" in capsys.readouterr().err
@@ -195,9 +202,13 @@ CORPUS = [*DOCS, "", "A fourth, longer one. " * 20, "x"]
 SPLIT = {"val_fraction": 0.2, "shard_tokens": 40}  # several train shards and a val shard
 
 
-def shard_bytes(out) -> dict[str, bytes]:
-    """Every file in the folder, so a temporary file left behind shows up too."""
-    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+def shard_bytes(out) -> dict:
+    """Every file in the folder, so a temporary file left behind shows up too; MARKER's contents
+    less the input's name (which differs between the paths compared)."""
+    files = {p.name: p.read_bytes() for p in sorted(Path(out).iterdir())}
+    if MARKER in files:
+        files[MARKER] = {k: v for k, v in json.loads(files[MARKER]).items() if k != "source"}
+    return files
 
 
 def decoded(out) -> str:
@@ -259,7 +270,7 @@ def test_prepare_dataset_missing_text_column(tmp_path):
         prepare_dataset(tmp_path / "c.jsonl", tmp_path / "o", num_proc=1)
     with pytest.raises(DataError, match=r"c\.jsonl: column 'id' holds .*int64.*, not text"):
         prepare_dataset(tmp_path / "c.jsonl", tmp_path / "o", text_column="id", num_proc=1)
-    assert not list((tmp_path / "o").iterdir())  # no shards and no temporary folder
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]  # no shards and no temporary folder
 
 
 def test_prepare_dataset_hub_name_offline(tmp_path, monkeypatch, capsys):
@@ -317,7 +328,7 @@ def test_write_split_writes_shards_as_chunks_arrive(tmp_path, chunk):
 
     write_split(chunks(), 100, tmp_path, "s", gpt2_tokenizer(), val_fraction=0.25, shard_tokens=15, source="test")
     names = [f"s_train_{i:06d}.bin" for i in range(5)] + ["s_val_000000.bin"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, *names]
     np.testing.assert_array_equal(np.concatenate([read_shard(tmp_path / n) for n in names]), stream)
     assert len(read_shard(tmp_path / "s_val_000000.bin")) == 25
     with pytest.raises(DataError, match="test: expected 101 tokens, got 100"):
@@ -450,3 +461,4 @@ def test_loader_errors(tmp_path):
         DataLoader(tmp_path, "train", 1, 10, rank=1, world_size=2)
     with pytest.raises(DataError, match="rank 2 outside world_size 2"):
         DataLoader(tmp_path, "train", 1, 4, rank=2, world_size=2)
+
