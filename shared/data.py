@@ -330,8 +330,11 @@ def vocab_dtype(tokenizer: Tokenizer) -> np.dtype:
 
 def check_options(source, name: str, val_fraction: float, shard_tokens: int) -> None:
     """prepare's options, checked before any tokenizing."""
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"{source}: val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 < val_fraction < 1:  # also refuses NaN
+        raise DataError(
+            f"{source}: val_fraction must be between 0 and 1, exclusive (training needs a train and"
+            f" a val split), got {val_fraction}"
+        )
     if shard_tokens < 1:
         raise DataError(f"{source}: shard_tokens must be positive, got {shard_tokens}")
     if not name or Path(name).name != name or name in (".", ".."):
@@ -345,20 +348,23 @@ def write_split(
     """Write a token stream of known length, arriving in chunks, as {name}_train_000000.bin, ...
     and {name}_val_000000.bin, the stream's last `val_fraction`; then MARKER, saying what it wrote.
 
-    Shards are written as soon as they fill, so memory holds one shard, not the stream.
+    The train split is cut into equal shards of at most `shard_tokens` (a short last shard could
+    hold less than one batch, which the loader rejects). Shards are written as soon as they fill,
+    so memory holds one shard, not the stream.
     """
     n_val = round(n_tokens * val_fraction)
     n_train = n_tokens - n_val
-    if n_train < 1 or (val_fraction > 0 and n_val < 1):
-        raise DataError(f"{source}: {n_tokens} tokens, too few for val_fraction={val_fraction}")
+    if min(n_train, n_val) < 2:  # one input token and its target
+        raise DataError(
+            f"{source}: {n_tokens} tokens make a train split of {n_train} and a val split of {n_val}"
+            f" (val_fraction={val_fraction}); each needs at least 2: give more text or another val_fraction"
+        )
     dtype = vocab_dtype(tokenizer)
     n_shards = -(-n_train // shard_tokens)
     ends = {  # shard file -> the stream position where it ends
-        f"{name}_train_{i:06d}.bin": min(start + shard_tokens, n_train)
-        for i, start in enumerate(range(0, n_train, shard_tokens))
+        f"{name}_train_{i:06d}.bin": n_train * (i + 1) // n_shards for i in range(n_shards)
     }
-    if n_val:
-        ends[f"{name}_val_000000.bin"] = n_tokens
+    ends[f"{name}_val_000000.bin"] = n_tokens
     log = log or (lambda line: print(line, file=sys.stderr))
     shards = iter(ends.items())
     file, end = next(shards)
@@ -696,7 +702,7 @@ dataset is cached in --cache-dir, else $HF_DATASETS_CACHE (default ~/.cache/hugg
     p.add_argument("--split", default="train", help="hub dataset split, e.g. train or 'train[:1%%]' (train)")
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="tokenizing processes (all cores)")
     p.add_argument("--cache-dir", type=Path, help="where datasets keeps its Arrow copy of the input")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val (0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val, in (0, 1) (0.1)")
     p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer.json (or its directory)")
     p.add_argument("--name", help="shard name prefix (default: the input's file or dataset name)")
     shard_help = "at most this many tokens per train shard (1e8)"

@@ -149,7 +149,8 @@ def test_prepare_splits_and_marks_documents(tmp_path):
     out = prepare(tmp_path / "corpus.txt", tmp_path / "out", val_fraction=0.25, shard_tokens=8)
     train = sorted(out.glob("corpus_train_*.bin"))
     assert [p.name for p in train[:2]] == ["corpus_train_000000.bin", "corpus_train_000001.bin"]
-    assert all(len(read_shard(p)) == 8 for p in train[:-1])
+    sizes = [len(read_shard(p)) for p in train]  # 20 train tokens: equal shards of at most 8
+    assert sizes == [6, 7, 7]
     stream = np.concatenate([read_shard(p) for p in [*train, out / "corpus_val_000000.bin"]])
     expected = np.concatenate([[tok.eot_id, *tok.encode(doc)] for doc in DOCS])
     np.testing.assert_array_equal(stream, expected)
@@ -193,6 +194,35 @@ def test_cli_prepare(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fineweb", "--help"])
     assert exit_.value.code == 0 and "kjj0/fineweb10B-gpt2" in capsys.readouterr().out
+
+
+# What a newcomer might add to `prepare --input in.txt --out o`, and the one line each gets.
+BAD_PREPARE = {
+    "--val-fraction 0": "in.txt: val_fraction must be between 0 and 1, exclusive (training needs a train and a val split), got 0.0",
+    "--val-fraction 1": "in.txt: val_fraction must be between 0 and 1, exclusive (training needs a train and a val split), got 1.0",
+    "--val-fraction nan": "in.txt: val_fraction must be between 0 and 1, exclusive (training needs a train and a val split), got nan",
+    "--val-fraction 0.99": "in.txt: 7 tokens make a train split of 0 and a val split of 7 (val_fraction=0.99); each needs at least 2: give more text or another val_fraction",
+    "--shard-tokens 0": "in.txt: shard_tokens must be positive, got 0",
+    "--name a/b": "in.txt: the shard name 'a/b' must be a plain file name, without '/'",
+    "--num-proc 0": "in.txt: num_proc must be positive, got 0",
+    "--tokenizer nope": "unknown tokenizer 'nope': use 'gpt2' or the path of a tokenizer.json (or of a directory holding one)",
+    "--input missing.txt": "missing.txt: input file not found",
+    "--input in.csv": "in.csv: unsupported input; give a .txt, .jsonl, .json or .parquet file or a hub dataset name",
+    "--out in.txt": "in.txt: exists and is not a directory; choose another --out",
+    "--out .": ".: not empty, and holds files prepare did not write (in.csv, in.txt); choose another --out or empty it",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("args", BAD_PREPARE)
+def test_cli_prepare_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.txt").write_text("a b c d e f")  # 7 tokens, with the leading eot
+    (tmp_path / "in.csv").write_text("a,b\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--input", "in.txt", "--out", "o", "--num-proc", "1", *args.split()])
+    err = capsys.readouterr().err  # progress bars, for a run that stops after tokenizing, and the error
+    assert exit_.value.code == 1 and err.splitlines()[-1] == f"error: {BAD_PREPARE[args]}" and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "in.txt"]  # nothing written
 
 
 # --- any corpus -> shards, through datasets ------------------------------------------------
@@ -312,7 +342,7 @@ def test_prepare_dataset_rereads_an_edited_text_file(tmp_path):
     path, cache = tmp_path / "c.txt", tmp_path / "cache"
     for text in ["first version of the text", "second, longer version of the same text"]:
         path.write_text(text)
-        out = prepare_dataset(path, tmp_path / "o", val_fraction=0, num_proc=1, cache_dir=cache)
+        out = prepare_dataset(path, tmp_path / "o", val_fraction=0.5, num_proc=1, cache_dir=cache)
         assert decoded(out) == ENDOFTEXT + text
 
 
