@@ -15,7 +15,7 @@ whole (a crash leaves the old or the new shards, never a mix) and refuses a dire
 files it did not write; the prepare.json it leaves there says what was prepared.
 
 `DataLoader` memory-maps the shards and yields (x, y) batches strided across DDP ranks, with
-`state_dict()` for exact resume.
+`state_dict()` for exact resume; given the model's vocab_size it checks each shard's ids.
 """
 
 from __future__ import annotations
@@ -601,6 +601,17 @@ def download_fineweb(
 # --- loader --------------------------------------------------------------------------------
 
 
+def check_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Every id in the shard indexes a vocabulary of vocab_size: one pass over the file."""
+    if len(tokens) == 0 or np.iinfo(tokens.dtype).max < vocab_size:  # no id can be out of range
+        return
+    if (top := int(tokens.max())) >= vocab_size:
+        raise DataError(
+            f"{path}: token id {top} is outside the model's vocabulary of {vocab_size}"
+            " (were the shards made with another tokenizer?)"
+        )
+
+
 class DataLoader:
     """(x, y) batches of shape (batch_size, seq_len) from the shards of one split.
 
@@ -609,18 +620,24 @@ class DataLoader:
     the stream; within a shard one rank taking world_size micro-batches reads exactly what
     world_size ranks read in one step. A shard's last < world_size*C tokens are skipped; after
     the last shard the loader starts the first again (a new epoch).
+
+    With `vocab_size` (the model's), each shard's ids are checked once, when it is first opened:
+    an id the embedding cannot look up fails there, naming the shard, not inside the model.
     """
 
     def __init__(
         self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, vocab_size: int | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"{data_dir}: batch_size {batch_size} and seq_len {seq_len} must be positive")
         if not 0 <= rank < world_size:
             raise DataError(f"{data_dir}: rank {rank} outside world_size {world_size}")
+        if vocab_size is not None and vocab_size < 1:
+            raise DataError(f"{data_dir}: vocab_size must be positive, got {vocab_size}")
         self.paths = shard_paths(data_dir, split)
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.vocab_size, self._checked = vocab_size, set()  # indices of the shards whose ids were checked
         # Headers are checked up front, so a bad shard fails now rather than hours into a run.
         need = world_size * batch_size * seq_len + 1
         for path in self.paths:
@@ -648,7 +665,11 @@ class DataLoader:
     def _tokens(self) -> np.ndarray:
         # Only the current shard stays mapped, so a long run holds one file open, not 100.
         if self._mapped is None or self._mapped[0] != self.shard:
-            self._mapped = (self.shard, read_shard(self.paths[self.shard]))
+            tokens = read_shard(self.paths[self.shard])
+            if self.vocab_size is not None and self.shard not in self._checked:
+                check_ids(self.paths[self.shard], tokens, self.vocab_size)
+                self._checked.add(self.shard)
+            self._mapped = (self.shard, tokens)
         return self._mapped[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -491,4 +491,25 @@ def test_loader_errors(tmp_path):
         DataLoader(tmp_path, "train", 1, 10, rank=1, world_size=2)
     with pytest.raises(DataError, match="rank 2 outside world_size 2"):
         DataLoader(tmp_path, "train", 1, 4, rank=2, world_size=2)
+    with pytest.raises(DataError, match="vocab_size must be positive, got 0"):
+        DataLoader(tmp_path, "train", 1, 4, vocab_size=0)
 
+
+def test_loader_checks_ids_against_the_vocabulary(tmp_path, monkeypatch):
+    make_shards(tmp_path, [40, 30])  # ids 0..39, then 40..69
+    checked, check_ids = [], data.check_ids
+    monkeypatch.setattr(data, "check_ids", lambda path, *args: checked.append(path.name) or check_ids(path, *args))
+    loader = DataLoader(tmp_path, "train", 2, 4, vocab_size=70)
+    for _ in range(20):  # 8 tokens a batch: 4 from the first shard, 3 from the second, for 3 epochs
+        loader.next_batch()
+    assert checked == ["t_train_000000.bin", "t_train_000001.bin"]  # each shard once, when opened
+    loader = DataLoader(tmp_path, "train", 2, 4, vocab_size=60)
+    for _ in range(4):
+        loader.next_batch()
+    with pytest.raises(DataError, match=r"t_train_000001\.bin: token id 69 is outside the model's vocabulary of 60 "):
+        loader.next_batch()
+    write_shard(tmp_path / "t_train_000001.bin", [0, 70_000] * 20)  # uint32 ids
+    loader = DataLoader(tmp_path, "train", 2, 4, vocab_size=50_304)
+    loader.load_state_dict({"shard": 1, "pos": 0})
+    with pytest.raises(DataError, match=r"t_train_000001\.bin: token id 70000 is outside .* of 50304 \(were the shards made"):
+        loader.next_batch()
