@@ -136,6 +136,8 @@ def read_shard(path: str | Path) -> np.ndarray:
 def shard_paths(data_dir: str | Path, split: str) -> list[Path]:
     data_dir = Path(data_dir)
     pattern = f"*_{split}_*.bin"
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir}: not a directory; give the directory that holds the shards {pattern}")
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory not found (looked for shards {pattern} in it)")
     paths = sorted(data_dir.glob(pattern))
@@ -302,6 +304,8 @@ def read_documents(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from e
     return [doc for doc in text.split(ENDOFTEXT) if doc]
 
 
@@ -656,7 +660,10 @@ class DataLoader:
         return {"shard": self.shard, "pos": self.pos}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        shard, pos = int(state["shard"]), int(state["pos"])
+        try:
+            shard, pos = int(state["shard"]), int(state["pos"])
+        except (KeyError, TypeError, ValueError):
+            shard, pos = -1, -1
         if not (0 <= shard < len(self.paths) and pos >= 0):
             where = self.paths[0].parent
             raise DataError(f"{where}: loader state {state} does not fit its {len(self.paths)} shards")

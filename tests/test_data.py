@@ -158,7 +158,7 @@ def test_prepare_splits_and_marks_documents(tmp_path):
     assert tok.decode(stream) == ENDOFTEXT + ENDOFTEXT.join(DOCS)
 
 
-def test_prepare_bad_input(tmp_path):
+def test_prepare_bad_input(tmp_path, monkeypatch):
     out = tmp_path / "o"
     with pytest.raises(DataError, match=r"nope\.txt: input text file not found"):
         prepare(tmp_path / "nope.txt", out)
@@ -168,6 +168,13 @@ def test_prepare_bad_input(tmp_path):
     (tmp_path / "t.txt").write_text("a")
     with pytest.raises(DataError, match=r"the shard name 'a/b' must be a plain file name"):
         prepare(tmp_path / "t.txt", out, name="a/b")
+
+    def unreadable(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(DataError, match=r"t\.txt: cannot read it \(Permission denied\)"):
+        prepare(tmp_path / "t.txt", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "t.txt"]  # nothing written
 
 
@@ -477,6 +484,8 @@ def test_state_dict_resume(tmp_path):
     assert torch.equal(resumed.next_batch()[0], first[0])
     with pytest.raises(DataError, match="does not fit its 3 shards"):
         resumed.load_state_dict({"shard": 3, "pos": 0})
+    with pytest.raises(DataError, match=r"loader state \{'shard': 0\} does not fit"):
+        resumed.load_state_dict({"shard": 0})
 
 
 def test_loader_errors(tmp_path):
@@ -491,6 +500,8 @@ def test_loader_errors(tmp_path):
         DataLoader(tmp_path, "train", 1, 10, rank=1, world_size=2)
     with pytest.raises(DataError, match="rank 2 outside world_size 2"):
         DataLoader(tmp_path, "train", 1, 4, rank=2, world_size=2)
+    with pytest.raises(DataError, match=r"t_train_000000\.bin: not a directory; give the directory that holds"):
+        DataLoader(tmp_path / "t_train_000000.bin", "train", 1, 4)
     with pytest.raises(DataError, match="vocab_size must be positive, got 0"):
         DataLoader(tmp_path, "train", 1, 4, vocab_size=0)
 
