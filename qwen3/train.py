@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -29,24 +30,32 @@ from torch.utils.checkpoint import checkpoint
 
 from qwen3 import hf
 from qwen3.model import Config, Transformer
-from shared.data import DataLoader, default_corpus
+from shared.data import DataError, DataLoader, default_corpus
 from shared.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # Arguments
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad argument is one line, not the usage block and then the error."""
+        raise SystemExit(f"{self.prog}: {message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36),
     )
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=Config.PRESETS, help="model size")
+    # SUPPRESS: no default in args, so an explicit --preset can be told from the default one
+    m.add_argument("--preset", default=argparse.SUPPRESS, choices=Config.PRESETS, help="model size (default: tiny)")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a Config field of the preset, e.g. --set n_layer=2 (repeatable)")
-    m.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face checkpoint directory instead")
+    m.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face checkpoint directory instead "
+                   "(its config.json is the architecture, so not with --preset or --set)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     m.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass to save memory")
@@ -84,7 +93,7 @@ def parse_args(argv=None):
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     r.add_argument("--parallel", default="none", choices=("none", "ddp", "fsdp"),
                    help="data parallelism under torchrun: DDP replicates the model, FSDP2 shards it")
-    r.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda'")
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     r.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype; auto = bfloat16 mixed precision on GPU, float32 on CPU")
     r.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: known GPUs; none on CPU)")
@@ -95,18 +104,56 @@ def parse_args(argv=None):
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=200)
     args = p.parse_args(argv)
+    if args.init_from and (hasattr(args, "preset") or args.set):
+        p.error("--init-from takes the architecture from its config.json: drop --preset and --set")
+    args.preset = getattr(args, "preset", "tiny")
     if args.resume and args.init_from:
         p.error("--resume and --init-from are exclusive: a checkpoint already holds the weights")
+    check_args(args, p)
     return args
+
+
+def check_args(args, p):
+    """Refuse, up front and in one line, a value that would crash later or silently do nothing.
+    Each rule is written so that nan fails it too."""
+    rules = [
+        ("batch_size seq_len max_steps eval_steps log_every top_k", lambda v: v >= 1, "at least 1"),
+        ("total_batch_tokens stop_after", lambda v: v is None or v >= 1, "at least 1"),
+        ("warmup_steps eval_every ckpt_every sample_tokens", lambda v: v >= 0, "0 or more"),
+        ("lr", lambda v: 0 < v < math.inf, "a positive number"),
+        ("peak_tflops", lambda v: v is None or 0 < v < math.inf, "a positive number"),
+        ("weight_decay grad_clip temperature", lambda v: 0 <= v < math.inf, "0 or more"),
+        ("min_lr_ratio decay_frac", lambda v: 0 <= v <= 1, "between 0 and 1"),
+        ("beta1 beta2", lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    ]
+    for names, ok, rule in rules:
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
 
 
 def config_from_args(args):
     if args.init_from:
-        return hf.read_config(args.init_from)
+        return pretrained_config(args.init_from)
     try:
         return Config.from_preset(args.preset, **parse_overrides(args.set))
     except ValueError as e:  # a bad --set or a Config check: one line, no traceback
         raise SystemExit(str(e)) from None
+
+
+def pretrained_config(path):
+    """The Config in a Hugging Face directory's config.json, or one line saying why there is none."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise SystemExit(f"--init-from {path}: no config.json there (expected a Hugging Face checkpoint directory)")
+    ours = hf.config_to_hf(Config.from_preset("tiny"))["model_type"]
+    try:
+        theirs = json.loads(file.read_text()).get("model_type")
+        if not str(theirs).startswith(ours):  # qwen3 reads both qwen3 and qwen3_moe
+            raise SystemExit(f"--init-from {path}: config.json has model_type {theirs!r}; this train.py trains {ours!r}")
+        return hf.read_config(path)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--init-from {path}: config.json is not a {ours!r} config we can read ({e!r})") from None
 
 
 def parse_overrides(items):
@@ -156,6 +203,8 @@ def setup_distributed(args):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -280,7 +329,73 @@ def lr_at(step, args):
 
 
 # -----------------------------------------------------------------------------
-# Checkpointing: atomic; FSDP through torch.distributed.checkpoint so it can reshard on resume
+# Checkpointing: atomic; FSDP through torch.distributed.checkpoint so it can reshard on resume.
+# A checkpoint is written only once a forward pass has shown its weights give a finite loss (the
+# loop defers each save by one step); a kill at any moment leaves one complete checkpoint.
+
+CHECKPOINT_NAMES = ("ckpt.pt", "ckpt_dcp")  # one file without FSDP, a directory with it
+
+# What the resumed run must share with the checkpoint, besides the model Config: a change here
+# would train a different model, token stream or precision, so --resume refuses it.
+RUN_SETTINGS = ("batch_size", "seq_len", "total_batch_tokens", "dtype")
+# What --resume may change, each change logged: e.g. a lower --lr after a divergence, or a larger
+# --max-steps to extend a run (the schedule is then recomputed from the new length).
+SCHEDULE_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_frac", "weight_decay",
+                     "beta1", "beta2", "grad_clip", "max_steps")
+
+
+def checkpoint_path(args):
+    return Path(args.out_dir) / CHECKPOINT_NAMES[args.parallel == "fsdp"]
+
+
+def find_checkpoint(path):
+    """The checkpoint at `path`; or, where a directory swap was killed between its two renames, the
+    complete previous one it left at path.old; or None."""
+    if path.exists():
+        return path
+    old = path.with_name(path.name + ".old")
+    return old if (old / "meta.pt").exists() else None
+
+
+def temp_path(path):
+    """A fresh name beside `path`, so two processes writing there never share a temp file."""
+    return path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the renames inside durable
+    finally:
+        os.close(fd)
+
+
+def write_file(path, obj):
+    """torch.save to a temp file, fsync, rename over `path`: a crash leaves the old file or the new."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def replace_dir(new, path):
+    """Swap the complete directory `new` in for `path`. Each step leaves a complete checkpoint that
+    find_checkpoint returns: `path` throughout, except between the two renames, when it is path.old."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        if old.exists():  # an earlier swap was killed before removing it; `path` is newer
+            shutil.rmtree(old)
+        os.replace(path, old)
+    # else: an earlier swap was killed between its renames; path.old holds the previous checkpoint
+    os.replace(new, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state(device):
@@ -297,31 +412,23 @@ def save_checkpoint(path, model, optimizer, meta, args, rank):
     if args.parallel == "fsdp":
         import torch.distributed.checkpoint as dcp
 
-        tmp = path.with_name(path.name + ".tmp")
-        if rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)
+        names = [temp_path(path)]
+        dist.broadcast_object_list(names, src=0)  # every rank writes its shards into rank 0's temp directory
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=names[0])
         dist.barrier()
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
         if rank == 0:
-            torch.save(meta, tmp / "meta.pt")
-            replace_dir(tmp, path)
+            write_file(names[0] / "meta.pt", meta)  # written last: marks the directory complete
+            replace_dir(names[0], path)
         dist.barrier()
     elif rank == 0:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save({"model": model_state, "optim": optim_state, "meta": meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+        write_file(path, {"model": model_state, "optim": optim_state, "meta": meta})
 
 
-def replace_dir(new, old):
-    """Swap directory `new` into place of `old`; the old one is removed only after the swap."""
-    trash = old.with_name(old.name + ".old")
-    if old.exists():
-        os.replace(old, trash)
-    os.replace(new, old)
-    shutil.rmtree(trash, ignore_errors=True)
+def read_meta(path):
+    """Step, RNG, loader state and the settings a checkpoint was trained with, without its tensors."""
+    if path.is_dir():
+        return torch.load(path / "meta.pt", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["meta"]
 
 
 def load_checkpoint(path, model, optimizer, args):
@@ -333,32 +440,80 @@ def load_checkpoint(path, model, optimizer, args):
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=path)  # in place, resharded to this world size
-        meta = torch.load(path / "meta.pt", weights_only=True)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no pickle code execution
-        meta = state["meta"]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return meta
 
 
-def checkpoint_path(args):
-    return Path(args.out_dir) / ("ckpt_dcp" if args.parallel == "fsdp" else "ckpt.pt")
+def run_settings(args, total_batch, compute_dtype):
+    """The arguments stored with a checkpoint (RUN_SETTINGS and SCHEDULE_SETTINGS), as resolved."""
+    settings = {name: getattr(args, name) for name in SCHEDULE_SETTINGS}
+    return settings | {"batch_size": args.batch_size, "seq_len": args.seq_len, "total_batch_tokens": total_batch,
+                       "dtype": str(compute_dtype).removeprefix("torch.")}
+
+
+def differences(old, new, names):
+    """["n_head 4 -> 2", ...] for the names whose stored value (absent in older checkpoints: skipped) differs."""
+    return [f"{name} {old[name]} -> {new[name]}" for name in names if name in old and old[name] != new[name]]
+
+
+def check_resumable(meta, path, cfg, settings, args, log):
+    """Refuse in one line a checkpoint of another model or run; log the schedule changes a resume may make."""
+    config = dataclasses.asdict(cfg)
+    if args.generate:  # sampling needs only the same architecture
+        changed = differences(meta.get("config", {}), config, config)
+        if changed:
+            raise SystemExit(f"--generate: {path} holds a model with another Config: {', '.join(changed)}; "
+                             "pass the --preset and --set it was trained with")
+        return
+    stored = meta.get("settings", {})
+    changed = differences(meta.get("config", {}), config, config) + differences(stored, settings, RUN_SETTINGS)
+    if changed:
+        raise SystemExit(f"--resume: {path} was trained with other settings: {', '.join(changed)}; pass the same "
+                         "values, or start a new run in another --out-dir")
+    changed = differences(stored, settings, SCHEDULE_SETTINGS)
+    if changed:
+        log(f"resuming with changed settings: {', '.join(changed)}")
+
+
+def truncate_metrics(path, step):
+    """Keep the rows up to `step`: those a run wrote after its last checkpoint are about to be redone."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                rows.append(line + "\n")
+        except json.JSONDecodeError:  # a row cut short by a kill
+            pass
+    tmp = temp_path(path)
+    tmp.write_text("".join(rows))
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 
 
-def evaluate(wrapped, loader, args, device, autocast):
+def evaluate(wrapped, loader, args, device, autocast, rank, world_size):
+    """Mean loss over the first eval_steps validation batches: the same tokens for any number of
+    processes. Every rank reads the whole stream (the loader is not strided) and evaluates batches
+    rank, rank + world_size, ...; the sums meet in an all-reduce."""
     wrapped.eval()
     loader.reset()  # the same validation batches every time, so evaluations compare
     total = torch.zeros((), device=device)
     with torch.no_grad(), autocast:
-        for _ in range(args.eval_steps):
+        for i in range(math.ceil(args.eval_steps / world_size) * world_size):
             x, y = loader.next_batch()
-            total += wrapped(x.to(device), y.to(device))[1].float()
+            if i % world_size == rank:
+                loss = wrapped(x.to(device), y.to(device))[1].float()
+                if i < args.eval_steps:  # past it, the forward only keeps FSDP's collectives in step
+                    total += loss
     wrapped.train()
-    return all_mean(total / args.eval_steps).item()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.item() / args.eval_steps
 
 
 # dense bf16 tensor-core peaks in TFLOP/s (SXM parts), matched against torch.cuda.get_device_name;
@@ -378,7 +533,15 @@ def peak_flops(args, device, compute_dtype):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Train, or sample with --generate. A user's mistake ends the run with one line (SystemExit);
+    anything else keeps its traceback."""
+    try:
+        return train(parse_args(argv))
+    except DataError as e:  # a shard or data directory that cannot be used; the message names it
+        raise SystemExit(str(e)) from None
+
+
+def train(args):
     rank, world_size, device = setup_distributed(args)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -391,27 +554,54 @@ def main(argv=None):
     cfg = config_from_args(args)
     if args.seq_len > cfg.block_size:
         raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's block_size {cfg.block_size}")
+    tokens_per_micro = args.batch_size * args.seq_len * world_size
+    total_batch = args.total_batch_tokens or tokens_per_micro
+    if total_batch % tokens_per_micro:
+        raise SystemExit(f"--total-batch-tokens {total_batch} is not a multiple of batch-size x seq-len x "
+                         f"processes = {tokens_per_micro}")
+    accum = total_batch // tokens_per_micro
+    settings = run_settings(args, total_batch, compute_dtype)
+
+    # a run in --out-dir is continued (--resume) or sampled from (--generate), never replaced
+    out_dir, ckpt = Path(args.out_dir), checkpoint_path(args)
+    existing = [path for name in CHECKPOINT_NAMES if (path := find_checkpoint(out_dir / name))]
+    found, meta = find_checkpoint(ckpt), None
+    if args.resume or (args.generate and not args.init_from):
+        if found is None:
+            hint = f" ({existing[0]} was written {'with' if existing[0].is_dir() else 'without'} --parallel fsdp)" if existing else ""
+            raise SystemExit(f"no checkpoint at {ckpt} to {'resume' if args.resume else 'sample'} from{hint}")
+        meta = read_meta(found)
+        check_resumable(meta, found, cfg, settings, args, log)
+    elif existing and not args.generate:
+        raise SystemExit(f"{out_dir} already holds a run ({existing[0]}): continue it with --resume, "
+                         "or pass another --out-dir")
+
     model, wrapped = build_model(args, cfg, device, compute_dtype)
     optimizer = make_optimizer(model, args, device)
     extras = TrainingExtras(model, args, device)
-    tokenizer = load_tokenizer(args.tokenizer)
-    out_dir, ckpt = Path(args.out_dir), checkpoint_path(args)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--tokenizer: {e}") from None
+    if args.generate or args.sample_tokens:  # checked now, not after the training
+        prompt = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
+        if max(prompt) >= cfg.vocab_size:
+            raise SystemExit(f"--prompt {args.prompt!r} has token id {max(prompt)}, outside the model's "
+                             f"vocabulary of {cfg.vocab_size}: pass the --tokenizer it was trained with")
 
-    step, resumed = 0, None
-    if args.resume or (args.generate and not args.init_from):
-        if not ckpt.exists():
-            raise SystemExit(f"no checkpoint at {ckpt} to {'resume' if args.resume else 'sample'} from")
-        resumed = load_checkpoint(ckpt, model, optimizer, args)
-        step = resumed["step"]
-        torch.set_rng_state(resumed["rng"]["cpu"])
-        if "cuda" in resumed["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(resumed["rng"]["cuda"], device)
-        log(f"loaded {ckpt} at step {step}")
+    step = 0
+    if meta:
+        load_checkpoint(found, model, optimizer, args)
+        step = meta["step"]
+        torch.set_rng_state(meta["rng"]["cpu"])
+        if "cuda" in meta["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(meta["rng"]["cuda"], device)
+        log(f"loaded {found} at step {step}")
     if args.generate:
         print_sample(model, tokenizer, args, device, autocast, log)
         return []
 
-    # data: every process reads its own stride of the same stream
+    # data: every process reads its own stride of the same training stream
     data_dir = args.data_dir
     if data_dir is None:  # rank 0 tokenizes the bundled corpus once; the others wait for it
         if not is_main:
@@ -420,22 +610,27 @@ def main(argv=None):
         if is_main and dist.is_initialized():
             dist.barrier()
     train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size)
-    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len, rank, world_size)
-    if resumed:
-        train_loader.load_state_dict(resumed["loader"])
-    tokens_per_micro = args.batch_size * args.seq_len * world_size
-    total_batch = args.total_batch_tokens or tokens_per_micro
-    if total_batch % tokens_per_micro:
-        raise SystemExit(f"--total-batch-tokens {total_batch} is not a multiple of batch-size x seq-len x "
-                         f"processes = {tokens_per_micro}")
-    accum = total_batch // tokens_per_micro
+    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len)  # whole stream: see evaluate
+    if meta:
+        train_loader.load_state_dict(meta["loader"])
     flops_per_step = model.flops_per_token(args.seq_len) * total_batch
     peak = peak_flops(args, device, compute_dtype)
     log(f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
         f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = open(out_dir / "metrics.jsonl", "a") if is_main else None
+    metrics_path, metrics = out_dir / "metrics.jsonl", None
+    if is_main:
+        if meta:  # rows past the checkpoint are about to be redone; temp files of killed writes go
+            truncate_metrics(metrics_path, step)
+            for leftover in [p for name in CHECKPOINT_NAMES for p in out_dir.glob(f"{name}.*.tmp")]:
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+        elif metrics_path.exists():
+            log(f"replacing {metrics_path}: the run that wrote it left no checkpoint")
+        metrics = open(metrics_path, "a" if meta else "w")  # noqa: SIM115 (closed at the end)
     history = []
 
     def record(**row):
@@ -444,18 +639,28 @@ def main(argv=None):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    def checkpoint_now():
-        meta = {"step": step, "rng": rng_state(device), "loader": train_loader.state_dict(),
-                "config": dataclasses.asdict(cfg)}
-        save_checkpoint(ckpt, model, optimizer, meta, args, rank)
-        log(f"saved checkpoint {ckpt} at step {step}")
+    saved = (found, step) if meta else None  # the checkpoint a stop names: (path, step)
 
+    def snapshot():  # the small part of a checkpoint, taken as its step ends
+        return {"step": step, "rng": rng_state(device), "loader": train_loader.state_dict(),
+                "config": dataclasses.asdict(cfg), "settings": settings}
+
+    def checkpoint_now(meta):
+        nonlocal saved
+        save_checkpoint(ckpt, model, optimizer, meta, args, rank)
+        saved = (ckpt, meta["step"])
+        log(f"saved checkpoint {ckpt} at step {meta['step']}")
+
+    def stop(problem):
+        good = f"the last good checkpoint is {saved[0]} (step {saved[1]})" if saved else "no checkpoint was written"
+        raise SystemExit(f"{problem}: stopping without updating; {good}")
+
+    # A checkpoint due after step N is written during step N + 1, once its forward has given a
+    # finite loss: the weights and optimizer are still step N's then, as the update has not run.
+    pending = None  # that step's snapshot, waiting
     last_step = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
     t0, last_logged = time.perf_counter(), step
     while step < last_step:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             x, y = train_loader.next_batch()
@@ -470,8 +675,15 @@ def main(argv=None):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
         train_loss = all_mean(loss_sum / accum).item()
         if not math.isfinite(train_loss):
-            last = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
-            raise SystemExit(f"loss is {train_loss} at step {step}: stopping without updating; {last}")
+            stop(f"loss is {train_loss} at step {step}")
+        if pending:
+            checkpoint_now(pending)
+            pending = None
+        if not math.isfinite(grad_norm.item()):
+            stop(f"gradient norm is {grad_norm.item()} at step {step} (loss {train_loss:.4f})")
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         extras.after_step(model)
@@ -488,11 +700,18 @@ def main(argv=None):
             t0, last_logged = time.perf_counter(), step
         record(step=step, loss=train_loss, lr=lr, **figures)
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
-            val_loss = evaluate(wrapped, val_loader, args, device, autocast)
+            val_loss = evaluate(wrapped, val_loader, args, device, autocast, rank, world_size)
             log(f"step {step:5d} | val loss {val_loss:.4f}")
             record(step=step, val_loss=val_loss)
         if (args.ckpt_every and step % args.ckpt_every == 0) or step == last_step:
-            checkpoint_now()
+            pending = snapshot()
+    if pending:  # the run's last weights: one forward on the next batch, without an update, proves them
+        with torch.no_grad(), autocast:
+            x, y = train_loader.next_batch()
+            loss = all_mean(wrapped(x.to(device), y.to(device))[1].float()).item()
+        if not math.isfinite(loss):
+            stop(f"loss is {loss} at step {step}")
+        checkpoint_now(pending)
 
     if args.sample_tokens:
         print_sample(model, tokenizer, args, device, autocast, log)
@@ -521,4 +740,9 @@ def print_sample(model, tokenizer, args, device, autocast, log):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # a user error's one line: under torchrun, rank 0 alone prints it
+        if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(1) from None
+        raise
