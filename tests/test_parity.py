@@ -7,19 +7,9 @@ import json
 import pytest
 import torch
 
-from registry import MODELS
+from registry import MODELS, import_transformers, randomize_
 
-transformers = pytest.importorskip("transformers")
-
-
-def randomize_(model, seed=0, std=0.1):
-    """Replace the default init (tiny weights, unit norms) with values that expose any mismatch."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            is_norm_gain = ("norm" in name or "ln" in name) and name.endswith("weight") and p.dim() == 1
-            p.copy_(1.0 + 0.2 * noise if is_norm_gain else std * noise)
+transformers = import_transformers()  # skipped without it, except in CI
 
 
 def hf_model(spec, seed=0):
