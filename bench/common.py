@@ -1,5 +1,6 @@
-"""What the bench scripts share: the table of models they know, a Hugging Face twin holding the
-same weights as ours, and interleaved timing.
+"""What the bench scripts share: the models they know (tests/registry.py, the one table for
+tests and benchmarks), a Hugging Face twin holding the same weights as ours, and interleaved
+timing.
 
 Timing on a shared machine is noisy, so every comparison runs its contenders in turn
 (A B A B ...), each repetition of one right after the same repetition of the other, and reports
@@ -7,46 +8,20 @@ medians; the spread of the per-repetition ratios says how far to trust the media
 """
 
 import argparse
-import importlib
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 import torch
 
+from tests.registry import MODELS, by_name, randomize_
+
 # -----------------------------------------------------------------------------
-# The models: name -> where ours lives, its transformers twin, a CPU-sized benchmark config
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    package: str  # folder holding model.py
-    hf_class: str  # transformers class with the same architecture, e.g. "GPT2LMHeadModel"
-    preset: str = "tiny"  # Config preset of the default run: the model train.py trains on CPU ...
-    config: dict = field(default_factory=dict)  # ... with these overrides
-    quick: dict = field(default_factory=dict)  # Config overrides of the --quick smoke run
-
-    @property
-    def model(self):
-        return importlib.import_module(f"{self.package}.model")
-
-
-# The tiny presets with a 4,096-token vocabulary: at GPT-2's 50,257 a CPU training step is ~80%
-# vocabulary projection and cross-entropy, the same two kernels on both sides, and the ratio
-# would say little about the model code (--set vocab_size=50257 to see it anyway).
-CPU = dict(vocab_size=4096)
-QUICK = dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64, intermediate_size=128)
-
-MODELS = {
-    "gpt2": BenchModel("gpt2", "GPT2LMHeadModel", config=CPU, quick=QUICK),
-    "llama31": BenchModel("llama31", "LlamaForCausalLM", config=CPU, quick=dict(QUICK, n_kv_heads=2)),
-    "qwen3": BenchModel("qwen3", "Qwen3ForCausalLM", config=CPU, quick=dict(QUICK, n_kv_heads=2)),
-}
+# Arguments, our model, its transformers twin
 
 
 def add_common_args(parser: argparse.ArgumentParser):
-    parser.add_argument("--model", default="gpt2", choices=sorted(MODELS), help="which architecture")
+    parser.add_argument("--model", default="gpt2", choices=[m.name for m in MODELS], help="which architecture")
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run on a toy config")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a Config field of the benchmark config, e.g. --set n_layer=8 (repeatable)")
@@ -69,33 +44,30 @@ def setup(args):
     return torch.device(args.device)
 
 
-def parse_set(items):
-    """["n_layer=8", "norm_eps=1e-6"] -> {"n_layer": 8, "norm_eps": 1e-6} (ints, floats, bools, None, str)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = {"true": True, "false": False, "none": None}.get(value.lower(), value)
-    return out
-
-
 def build_ours(args, preset=None, **overrides):
-    """Our Transformer for args.model: the spec's preset and config (or `preset` alone), --quick's
-    toy sizes, then `overrides` and --set."""
-    spec = MODELS[args.model]
-    base = spec.config if preset is None else {}
-    overrides = {**base, **(spec.quick if args.quick else {}), **overrides, **parse_set(args.set)}
+    """Our Transformer for args.model: the registry's bench preset and config (or `preset` alone),
+    --quick's toy sizes, then `overrides` and --set (parsed by the model's train.py, as its --set is).
+
+    Its weights are random with std 0.1 (registry.randomize_), not the training init: speed does
+    not depend on them, but the checks printed beside the timings do. On the init's tiny weights a
+    model barely depends on position or context (greedy decoding mostly repeats the last token,
+    through the tied embedding), so even a decoding bug would leave "tokens match: yes"."""
+    spec = by_name(args.model)
+    base = spec.bench_config if preset is None else {}
+    try:
+        overrides = {**base, **(spec.bench_quick if args.quick else {}), **overrides,
+                     **spec.train.parse_overrides(args.set)}
+        cfg = spec.model.Config.from_preset(preset or spec.bench_preset, **overrides)
+    except ValueError as e:  # a bad --set or a Config check: one line, no traceback
+        raise SystemExit(str(e)) from None
     torch.manual_seed(args.seed)
-    cfg = spec.model.Config.from_preset(preset or spec.preset, **overrides)
-    return spec.model.Transformer(cfg)
+    return randomize_(spec.model.Transformer(cfg), seed=args.seed)
+
+
+def ours_and_twin(args, device):
+    """Our model for args (build_ours) on device, and its transformers twin holding the same weights."""
+    ours = build_ours(args).to(device)
+    return ours, hf_twin(ours, by_name(args.model).hf_class, args.hf_attn)
 
 
 def hf_twin(ours, hf_class, attn_implementation="sdpa"):
@@ -111,6 +83,19 @@ def hf_twin(ours, hf_class, attn_implementation="sdpa"):
         ours.save_pretrained(tmp)
         theirs = getattr(transformers, hf_class).from_pretrained(tmp, attn_implementation=attn_implementation)
     return theirs.to(p.device, p.dtype)
+
+
+def summary(args, model):
+    """'gpt2: 1,234 params (2 layers, n_embd 64, vocab 512)', with the preset if args names one."""
+    cfg, preset = model.cfg, getattr(args, "preset", None)
+    return (f"{args.model}{' ' + preset if preset else ''}: {model.num_params():,} params ({cfg.n_layer} layers, "
+            f"n_embd {cfg.n_embd}, vocab {cfg.vocab_size})")
+
+
+def placement(model, device):
+    """'torch.float32 cpu, 1 thread(s)' or 'torch.bfloat16 cuda'."""
+    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+    return f"{next(model.parameters()).dtype} {device.type}{threads}"
 
 
 # -----------------------------------------------------------------------------

@@ -9,16 +9,17 @@ Ours: `model.generate(prompt, n, temperature=0)`, which prefills the prompt into
 then feeds one token per step. Theirs: `generate(do_sample=False, use_cache=True)` with its
 default dynamic cache and "sdpa" attention (--hf-attn eager for its explicit softmax), no
 end-of-sequence token so both produce exactly n tokens. Tokens/s counts new tokens over the
-whole call, prefill included. The script prints whether both produced the same tokens; calls
-alternate ours / theirs and the medians are compared; nothing here is asserted.
+whole call, prefill included. The script prints whether both produced the same tokens
+(tests/test_bench.py asserts they do); calls alternate ours / theirs and the medians are
+compared; the timings are never asserted.
 """
 
 import argparse
 
 import torch
 
-from bench.common import (MODELS, add_common_args, add_comparison_args, build_ours, hf_twin, interleaved, quartiles,
-                          report_ratio, setup)
+from bench.common import (add_common_args, add_comparison_args, interleaved, ours_and_twin, placement, quartiles,
+                          report_ratio, setup, summary)
 
 TARGET = 1.5  # the decoding speed-up over transformers we aim for on CPU
 
@@ -36,9 +37,7 @@ def main(argv=None):
 
     from transformers import GenerationConfig
 
-    spec = MODELS[args.model]
-    ours = build_ours(args).to(device).eval()
-    theirs = hf_twin(ours, spec.hf_class, args.hf_attn).eval()
+    ours, theirs = (m.eval() for m in ours_and_twin(args, device))
     cfg, n = ours.cfg, args.new_tokens
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     prompt = prompt.to(device)
@@ -54,10 +53,8 @@ def main(argv=None):
             out["HF"] = theirs.generate(prompt, attention_mask=mask, generation_config=gen_cfg)
 
     times = interleaved({"ours": run_ours, "HF": run_theirs}, args.repeats, warmup=1, device=device)
-    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
-    print(f"{args.model}: {ours.num_params():,} params ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
-          f"vocab {cfg.vocab_size}), batch 1, prompt {args.prompt_len} + {n} new tokens, greedy, "
-          f"{next(ours.parameters()).dtype} {device.type}{threads}; HF attention: {args.hf_attn}, dynamic cache")
+    print(f"{summary(args, ours)}, batch 1, prompt {args.prompt_len} + {n} new tokens, greedy, "
+          f"{placement(ours, device)}; HF attention: {args.hf_attn}, dynamic cache")
     a, b = out["ours"], out["HF"]
     if a.shape == b.shape and torch.equal(a, b):
         print(f"tokens match: yes (all {n} new tokens identical)")

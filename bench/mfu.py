@@ -8,9 +8,10 @@
 
 The peak is the best FLOP/s of a square GEMM at a few sizes in the step's dtype (2 n^3 FLOPs
 each). Training steps then alternate with GEMMs at the best size, so a load spike on a shared
-machine hits both; MFU is printed against the peak and against those alongside GEMMs. On an
-H100 or H200 it is also printed against the nominal dense bf16 peak, 989 TFLOP/s (--peak-tflops
-gives another nominal peak). bfloat16 means autocast mixed precision with fp32 weights, as
+machine hits both; MFU is printed against the peak and against those alongside GEMMs. In
+bfloat16 on a GPU that train.py's GPU_PEAK_TFLOPS table knows (989 TFLOP/s dense on an H100 or
+H200), it is also printed against that nominal peak, the one train.py logs MFU against
+(--peak-tflops gives another). bfloat16 means autocast mixed precision with fp32 weights, as
 train.py does. Nothing here is asserted.
 """
 
@@ -21,9 +22,8 @@ import time
 
 import torch
 
-from bench.common import add_common_args, build_ours, interleaved, quartiles, setup, sync
-
-NOMINAL_TFLOPS = {("H100", "bfloat16"): 989.0, ("H200", "bfloat16"): 989.0}  # dense, SXM
+from bench.common import add_common_args, build_ours, interleaved, quartiles, setup, summary, sync
+from tests.registry import by_name
 
 
 def gemm(n, dtype, device, calls):
@@ -59,15 +59,16 @@ def rate(flops_per_s):
     return f"{flops_per_s / 1e12:,.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:,.1f} GFLOP/s"
 
 
-def nominal_peak(args, device):
+def nominal_peak(args, device, dtype):
+    """(FLOP/s, label) of the hardware's nominal peak as the model's train.py reckons it (its
+    peak_flops: --peak-tflops, or GPU_PEAK_TFLOPS for a known GPU in bfloat16), or (None, None)."""
+    spec = by_name(args.model)
+    peak = spec.train.peak_flops(args, device, dtype)
+    if peak is None:
+        return None, None
     if args.peak_tflops:
-        return args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops:g}"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for (gpu, dtype), tflops in NOMINAL_TFLOPS.items():
-            if gpu in name and dtype == args.dtype:
-                return tflops * 1e12, f"{gpu} dense {dtype} {tflops:g} TFLOP/s"
-    return None, None
+        return peak, f"--peak-tflops {args.peak_tflops:g}"
+    return peak, f"{torch.cuda.get_device_name(device)}, dense {args.dtype} {peak / 1e12:g} TFLOP/s, {spec.package}/train.py"
 
 
 def main(argv=None):
@@ -131,15 +132,13 @@ def main(argv=None):
     achieved = fpt * tokens / med
     gemm_alongside = gemm_flops / statistics.median(times["gemm"])
     mode = args.dtype + (" autocast" if dtype != torch.float32 else "") + (", torch.compile" if args.compile else "")
-    print(f"{args.model}{' ' + args.preset if args.preset else ''}: {ours.num_params():,} params "
-          f"({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}), "
-          f"batch {batch_size} x {seq_len} tokens, {mode}")
+    print(f"{summary(args, ours)}, batch {batch_size} x {seq_len} tokens, {mode}")
     print(f"train step: {tokens / med:,.0f} tokens/s, {1e3 * med:.1f} ms/step "
           f"(p25 {1e3 * q1:.1f} .. p75 {1e3 * q3:.1f}), median of {args.repeats}")
     print(f"flops_per_token({seq_len}) = {fpt / 1e6:,.2f} MFLOP -> {rate(achieved)} achieved")
     print(f"MFU: {100 * achieved / peak:.1f}% of the measured peak "
           f"({100 * achieved / gemm_alongside:.1f}% of the GEMMs run alongside, {rate(gemm_alongside)})")
-    nominal, label = nominal_peak(args, device)
+    nominal, label = nominal_peak(args, device, dtype)
     if nominal:
         print(f"MFU: {100 * achieved / nominal:.1f}% of the nominal peak ({label})")
     return achieved / peak

@@ -8,8 +8,9 @@ step (forward, cross-entropy, backward, AdamW) with identical weights on identic
 The twin is loaded from our save_pretrained checkpoint, so the first step's losses agree (the
 script prints both). Both sides use PyTorch's scaled_dot_product_attention (transformers'
 "sdpa" attention; --hf-attn eager for its explicit softmax) and the same F.cross_entropy on the
-logits, so the comparison is of the model code around the same kernels. Steps alternate
-ours / theirs and the medians are compared; nothing here is asserted.
+logits (plus a mixture of experts' load-balancing loss), so the comparison is of the model code
+around the same kernels. Steps alternate ours / theirs and the medians are compared; the timings
+are never asserted (tests/test_bench.py checks the first-step losses agree).
 """
 
 import argparse
@@ -18,8 +19,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bench.common import (MODELS, add_common_args, add_comparison_args, build_ours, hf_twin, interleaved, quartiles,
-                          report_ratio, setup)
+from bench.common import (add_common_args, add_comparison_args, interleaved, ours_and_twin, placement, quartiles,
+                          report_ratio, setup, summary)
 
 TARGET = 1.2  # the speed-up over transformers we aim for on CPU
 
@@ -44,9 +45,12 @@ def ours_loss(model, x, y):
 
 
 def hf_loss(model, x, y):
-    # our loss, not transformers' (which shifts labels by one itself): the same work on both sides
-    logits = model(input_ids=x).logits  # (B, T, vocab_size)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    # our loss, not transformers' (which shifts labels by one itself): the same work on both sides,
+    # a mixture of experts' load-balancing loss included, which ours adds in training
+    coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    out = model(input_ids=x, output_router_logits=True) if coef else model(input_ids=x)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())  # logits: (B, T, vocab_size)
+    return loss + coef * out.aux_loss if coef else loss
 
 
 def main(argv=None):
@@ -61,9 +65,7 @@ def main(argv=None):
         args.batch_size, args.seq_len, args.repeats = 2, 32, 3
     device = setup(args)
 
-    spec = MODELS[args.model]
-    ours = build_ours(args).to(device).train()
-    theirs = hf_twin(ours, spec.hf_class, args.hf_attn).train()
+    ours, theirs = (m.train() for m in ours_and_twin(args, device))
     cfg = ours.cfg
     g = torch.Generator().manual_seed(args.seed)
     batches = [torch.randint(0, cfg.vocab_size, (2, args.batch_size, args.seq_len), generator=g).to(device)
@@ -71,10 +73,8 @@ def main(argv=None):
 
     steps = {"ours": make_step(ours, batches, ours_loss, args.lr), "HF": make_step(theirs, batches, hf_loss, args.lr)}
     first = {name: step().item() for name, step in steps.items()}  # also the warm-up
-    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
-    print(f"{args.model}: {ours.num_params():,} params ({cfg.n_layer} layers, n_embd {cfg.n_embd}, "
-          f"vocab {cfg.vocab_size}), batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{next(ours.parameters()).dtype} {device.type}{threads}; HF attention: {args.hf_attn}")
+    print(f"{summary(args, ours)}, batch {args.batch_size} x {args.seq_len} tokens, {placement(ours, device)}; "
+          f"HF attention: {args.hf_attn}")
     print(f"first-step loss: ours {first['ours']:.5f}, HF {first['HF']:.5f} "
           f"(|diff| {abs(first['ours'] - first['HF']):.1e}; same weights, same batch)")
 

@@ -1,25 +1,46 @@
-"""The models under test. Every test family is parametrized over MODELS, so a new model (or
-variant) gets the whole suite by adding one entry here."""
+"""The models, for tests/ and bench/ alike. Every test family is parametrized over MODELS and
+every benchmark's --model choices come from it, so a new model (or variant) gets the whole suite
+and the benchmarks by adding one entry here. bench/ imports this file as `tests.registry`."""
 
 import importlib
 import os
 from dataclasses import dataclass, field
 
+# bench/'s default CPU run: the model's tiny preset with a 4,096-token vocabulary. At GPT-2's
+# 50,257 a CPU training step is ~80% vocabulary projection and cross-entropy, the same two kernels
+# on both sides, and a ratio against transformers would say little about the model code.
+BENCH_CPU = dict(vocab_size=4096)
+# bench/ --quick: a few-second smoke run, whose printed checks tests/test_bench.py asserts. Untied:
+# on random weights a tied model's greedy continuation soon repeats one token, which hides bugs.
+BENCH_QUICK = dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64, intermediate_size=128,
+                   tie_embeddings=False)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str  # test id
+    name: str  # test id and bench/ --model name
     package: str  # folder holding model.py and train.py
     small: dict  # Config overrides for a tiny random model (properties, cache, training)
-    hf_class: str  # the transformers oracle, e.g. "GPT2LMHeadModel"
+    hf_class: str  # the transformers oracle (and bench/'s twin), e.g. "GPT2LMHeadModel"
     hf_config: dict = field(default_factory=dict)  # transformers config kwargs: odd sizes for parity
     parity_seq_len: int = 24  # long enough to exercise what the config scales (e.g. RoPE)
     presets: dict = field(default_factory=dict)  # preset -> published parameter count
     preset_rel_tol: float = 0.005  # published counts are rounded
+    bench_preset: str = "tiny"  # bench/'s default run: this Config preset ...
+    bench_config: dict = field(default_factory=lambda: dict(BENCH_CPU))  # ... with these overrides
+    bench_quick: dict = field(default_factory=lambda: dict(BENCH_QUICK))  # bench/ --quick: overrides on top
 
     @property
     def model(self):
         return importlib.import_module(f"{self.package}.model")
+
+    @property
+    def hf(self):
+        return importlib.import_module(f"{self.package}.hf")
+
+    @property
+    def train(self):
+        return importlib.import_module(f"{self.package}.train")
 
     def config(self, **overrides):
         return self.model.Config(**{**self.small, **overrides})
@@ -57,6 +78,7 @@ MODELS = [
                                          original_max_position_embeddings=32),
                        bos_token_id=0, eos_token_id=0),
         parity_seq_len=48,
+        bench_quick=dict(BENCH_QUICK, n_kv_heads=2),
         presets={"llama31_8b": 8_030_261_248, "llama31_70b": 70_553_706_496, "llama31_405b": 405_853_388_800,
                  "llama32_1b": 1_235_814_400, "llama32_3b": 3_212_749_824},
         preset_rel_tol=0.0,
@@ -71,6 +93,7 @@ MODELS = [
         hf_config=dict(vocab_size=101, max_position_embeddings=64, hidden_size=36, num_hidden_layers=3,
                        num_attention_heads=6, num_key_value_heads=2, head_dim=10, intermediate_size=52,
                        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=20000.0, bos_token_id=0, eos_token_id=0),
+        bench_quick=dict(BENCH_QUICK, n_kv_heads=2),
         presets={"qwen3_0_6b": 596_049_920, "qwen3_1_7b": 1_720_574_976, "qwen3_4b": 4_022_468_096,
                  "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200, "qwen3_32b": 32_762_123_264},
         preset_rel_tol=0.0,
@@ -88,6 +111,8 @@ MODELS = [
                        moe_intermediate_size=20, num_experts=7, num_experts_per_tok=3, norm_topk_prob=True,
                        mlp_only_layers=[1], rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e6,
                        bos_token_id=0, eos_token_id=0),
+        bench_preset="tiny_moe",  # 8 experts, 2 per token
+        bench_quick=dict(BENCH_QUICK, n_kv_heads=2, moe_intermediate_size=32),
         presets={"qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560},
         preset_rel_tol=0.0,
     ),

@@ -1,6 +1,5 @@
 """Running a model's train.py from tests: in this process, or under torchrun with 2 gloo ranks."""
 
-import importlib
 import json
 import multiprocessing
 import os
@@ -22,7 +21,7 @@ def train_args(spec, data_dir, out_dir, *extra):
 
 def run_in_process(spec, *args):
     """Call spec's train.py main(); returns the list of metric rows it recorded."""
-    return importlib.import_module(f"{spec.package}.train").main([str(a) for a in args])
+    return spec.train.main([str(a) for a in args])
 
 
 def run_torchrun(spec, *args, nproc=2):
@@ -49,7 +48,7 @@ def run_ranks(spec, *args, nproc=2):
     test_distributed.py also launches the real torchrun once."""
     ctx = multiprocessing.get_context("fork")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(spec.package, rank, nproc, port, [str(a) for a in args]))
+    procs = [ctx.Process(target=_rank_main, args=(spec, rank, nproc, port, [str(a) for a in args]))
              for rank in range(nproc)]
     for p in procs:
         p.start()
@@ -58,13 +57,13 @@ def run_ranks(spec, *args, nproc=2):
     assert [p.exitcode for p in procs] == [0] * nproc, "a rank failed; its traceback is in the captured stderr"
 
 
-def _rank_main(package, rank, world_size, port, args):
+def _rank_main(spec, rank, world_size, port, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
 
     torch.set_num_threads(1)  # two ranks share the machine's cores
-    importlib.import_module(f"{package}.train").main(args)
+    spec.train.main(args)
 
 
 def free_port():
