@@ -1,11 +1,14 @@
 """Training on CPU: the loss drops, a resumed run continues bit-for-bit, checkpoints load without
-pickle, a non-finite loss stops the run and keeps the last good checkpoint, and sampling works."""
+pickle, a non-finite loss stops the run and keeps the last good checkpoint, and sampling works.
+The flags that change how a step is computed (--dtype bfloat16, --activation-checkpointing,
+--compile) are each shown to take effect, not only to leave the losses alone."""
 
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from registry import MODELS
 from shared.data import DataLoader
@@ -74,6 +77,29 @@ def test_train_script_runs_from_the_repo_root(spec):
     assert "--parallel" in done.stdout and "--resume" in done.stdout
 
 
+def test_parse_overrides_types_each_value_by_its_config_field():
+    """--set FIELD=VALUE (train.py's, and bench/'s through it): ints, floats, bools, None, strings
+    and comma-separated tuples, as the Config field declares."""
+    from llama31.train import parse_overrides as llama31_overrides
+    from qwen3.train import parse_overrides
+
+    got = parse_overrides(["n_layer=8", "norm_eps=1e-6", "rope_theta=5e5", "tie_embeddings=false",
+                           "norm_topk_prob=1", "attn_impl=math", "mlp_only_layers=1,3"])
+    assert got == dict(n_layer=8, norm_eps=1e-6, rope_theta=500000.0, tie_embeddings=False, norm_topk_prob=True,
+                       attn_impl="math", mlp_only_layers=(1, 3))
+    assert type(got["n_layer"]) is int and type(got["rope_theta"]) is float
+    assert parse_overrides(["mlp_only_layers=", "n_layer=2", "n_layer=3"]) == dict(mlp_only_layers=(), n_layer=3)
+    assert llama31_overrides(["rope_factor=none"]) == dict(rope_factor=None)
+    assert llama31_overrides(["rope_factor=4"]) == dict(rope_factor=4.0)
+    for bad in ("n_layers=2", "n_layer", "=2"):
+        with pytest.raises(ValueError, match=f"--set '{bad}': expected FIELD=VALUE with FIELD one of vocab_size, "):
+            parse_overrides([bad])
+    for bad, value, type_name in (("n_layer=two", "two", "int"), ("norm_eps=small", "small", "float"),
+                                  ("tie_embeddings=maybe", "maybe", "bool"), ("mlp_only_layers=1,x", "1,x", "tuple")):
+        with pytest.raises(ValueError, match=f"--set '{bad}': '{value}' is not a valid {type_name}"):
+            parse_overrides([bad])
+
+
 def test_bad_override_is_a_clear_error(toy_data, tmp_path):
     spec = MODELS[0]
     with pytest.raises(SystemExit, match="--set 'n_layers=2': expected FIELD=VALUE with FIELD one of"):
@@ -82,11 +108,32 @@ def test_bad_override_is_a_clear_error(toy_data, tmp_path):
         run_in_process(spec, *train_args(spec, toy_data, tmp_path), "--set", "n_layer=two")
 
 
+def count_block_forwards(spec, monkeypatch):
+    """Count the model's Block.forward calls that autograd records: the training forwards and their
+    recomputation in backward, not evaluation's. build_model wraps each block's (bound) forward for
+    checkpointing, so a patch of the class made before main() is what runs in both cases."""
+    calls = []
+    forward = spec.model.Block.forward
+
+    def counted(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(spec.model.Block, "forward", counted)
+    return calls
+
+
 @models
-def test_activation_checkpointing_changes_memory_not_results(spec, toy_data, tmp_path):
-    plain = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "plain", "--max-steps", 3))
-    recomputed = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "ckpt", "--max-steps", 3),
+def test_activation_checkpointing_changes_memory_not_results(spec, toy_data, tmp_path, monkeypatch):
+    """Each block runs twice per step, its activations recomputed in backward; the losses stay."""
+    calls, steps, n_layer = count_block_forwards(spec, monkeypatch), 3, spec.small["n_layer"]
+    plain = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "plain", "--max-steps", steps))
+    assert len(calls) == steps * n_layer
+    calls.clear()
+    recomputed = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "ckpt", "--max-steps", steps),
                                 "--activation-checkpointing")
+    assert len(calls) == 2 * steps * n_layer
     assert losses(recomputed) == pytest.approx(losses(plain), abs=1e-6)
     state = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=True)["model"]
     assert set(state) == set(torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)["model"])
@@ -121,17 +168,37 @@ def test_learning_rate_schedules(schedule):
 
 
 @models
-def test_bf16_mixed_precision_tracks_fp32(spec, toy_data, tmp_path):
-    """--dtype bfloat16 runs the model under autocast (the GPU default; CPU autocast here)."""
+def test_bf16_mixed_precision_tracks_fp32(spec, toy_data, tmp_path, monkeypatch):
+    """--dtype bfloat16 runs the model under autocast (the GPU default; CPU autocast here): its
+    logits come out of a bf16 matmul, and the losses track fp32's closely without equalling them."""
+    dtypes = set()
+    forward = spec.model.Transformer.forward
+
+    def recorded(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        dtypes.add(logits.dtype)
+        return logits, loss
+
+    monkeypatch.setattr(spec.model.Transformer, "forward", recorded)
     fp32 = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "fp32", "--max-steps", 3))
+    assert dtypes == {torch.float32}
+    dtypes.clear()
     bf16 = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "bf16", "--max-steps", 3), "--dtype", "bfloat16")
+    assert dtypes == {torch.bfloat16}
     assert losses(bf16) == pytest.approx(losses(fp32), abs=2e-2)
+    assert all(a != b for a, b in zip(losses(bf16), losses(fp32)))  # bf16 rounding shows in every step
 
 
 def test_compiled_training_matches_eager_and_saves_plain_names(toy_data, tmp_path):
+    """--compile really compiles (dynamo captures graphs, none without the flag), and the compiled
+    model trains like the eager one and saves its parameters under their plain names."""
     spec = MODELS[0]  # torch.compile takes ~30 s on CPU: one model stands for the shared train.py code
+    torch._dynamo.reset()  # forget what earlier tests compiled
+    counters.clear()
     eager = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "eager", "--max-steps", 3))
+    assert counters["stats"]["unique_graphs"] == 0
     compiled = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "compiled", "--max-steps", 3), "--compile")
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["frames"]["ok"] >= 1
     assert losses(compiled) == pytest.approx(losses(eager), abs=1e-4)
     state = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)["model"]
     assert set(state) == set(spec.build().state_dict())  # no "_orig_mod." prefix
