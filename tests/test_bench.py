@@ -4,12 +4,14 @@ training step's loss equals transformers', and greedy decoding produces transfor
 Timings and ratios are printed, never asserted: they depend on the machine and on what else runs
 on it."""
 
+import argparse
 import re
 
 import pytest
+import torch
 
 from bench import decode, mfu, moe, train_throughput
-from registry import MODELS, import_transformers
+from registry import MODELS, by_name, import_transformers
 
 models = pytest.mark.parametrize("model", [m.name for m in MODELS])
 
@@ -44,6 +46,18 @@ def test_mfu_quick(model, capsys):
     for label in ("measured peak", "tokens/s", "FLOP/s achieved", "MFU: ", "% of the measured peak",
                   "% of the nominal peak (--peak-tflops 0.5)"):
         assert label in out, out
+
+
+def test_mfu_nominal_peak_is_the_models_train_py_table(monkeypatch):
+    """One peak table: bench/mfu.py reads GPU_PEAK_TFLOPS through the model's train.peak_flops."""
+    train = by_name("llama31").train
+    monkeypatch.setitem(train.GPU_PEAK_TFLOPS, "H100", 123.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    args = argparse.Namespace(model="llama31", peak_tflops=None, dtype="bfloat16")
+    peak, label = mfu.nominal_peak(args, torch.device("cuda"), torch.bfloat16)
+    assert peak == 123e12 and label == "NVIDIA H100 80GB HBM3, dense bfloat16 123 TFLOP/s, llama31/train.py"
+    args.dtype = "float32"
+    assert mfu.nominal_peak(args, torch.device("cuda"), torch.float32) == (None, None)  # the table is bf16's
 
 
 def test_moe_layer_runs(capsys):
