@@ -591,8 +591,9 @@ def train(args):
         data_dir = default_corpus()
         if is_main and dist.is_initialized():
             dist.barrier()
-    train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size)
-    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len)  # whole stream: see evaluate
+    # vocab_size: a shard holding an id the model cannot embed fails when opened, naming the shard
+    train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size, cfg.vocab_size)
+    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len, vocab_size=cfg.vocab_size)  # whole stream: see evaluate
     if meta:
         train_loader.load_state_dict(meta["loader"])
     flops_per_step = model.flops_per_token(args.seq_len) * total_batch

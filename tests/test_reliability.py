@@ -226,6 +226,7 @@ BAD_INPUTS = [
     ("--resume", "no checkpoint at {out}/ckpt.pt to resume from"),
     ("--generate", "no checkpoint at {out}/ckpt.pt to sample from"),
     ("--data-dir {out}/nowhere", "{out}/nowhere: data directory not found (looked for shards *_train_*.bin in it)"),
+    ("--set vocab_size=50", "toy_train_000000.bin: token id 95 is outside the model's vocabulary of 50"),
     ("--tokenizer no-such-tokenizer", "--tokenizer: unknown tokenizer 'no-such-tokenizer'"),
     ("--sample-tokens 5 --prompt hello", "--prompt 'hello' has token id 31373, outside the model's vocabulary of 97"),
     ("--init-from {llama} --set n_layer=2", "--init-from takes the architecture from its config.json: drop --preset and --set"),
