@@ -23,10 +23,19 @@ from tests.registry import MODELS, by_name, randomize_
 def add_common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default="gpt2", choices=[m.name for m in MODELS], help="which architecture")
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run on a toy config")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a Config field of the benchmark config, e.g. --set n_layer=8 (repeatable)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps ratios stable on a shared machine, 0 is torch's default")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a Config field of the benchmark config, e.g. --set n_layer=8 (repeatable)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 keeps ratios stable on a shared machine, 0 is torch's default",
+    )
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -55,8 +64,12 @@ def build_ours(args, preset=None, **overrides):
     spec = by_name(args.model)
     base = spec.bench_config if preset is None else {}
     try:
-        overrides = {**base, **(spec.bench_quick if args.quick else {}), **overrides,
-                     **spec.train.parse_overrides(args.set)}
+        overrides = {
+            **base,
+            **(spec.bench_quick if args.quick else {}),
+            **overrides,
+            **spec.train.parse_overrides(args.set),
+        }
         cfg = spec.model.Config.from_preset(preset or spec.bench_preset, **overrides)
     except ValueError as e:  # a bad --set or a Config check: one line, no traceback
         raise SystemExit(str(e)) from None
@@ -88,8 +101,10 @@ def hf_twin(ours, hf_class, attn_implementation="sdpa"):
 def summary(args, model):
     """'gpt2: 1,234 params (2 layers, n_embd 64, vocab 512)', with the preset if args names one."""
     cfg, preset = model.cfg, getattr(args, "preset", None)
-    return (f"{args.model}{' ' + preset if preset else ''}: {model.num_params():,} params ({cfg.n_layer} layers, "
-            f"n_embd {cfg.n_embd}, vocab {cfg.vocab_size})")
+    return (
+        f"{args.model}{' ' + preset if preset else ''}: {model.num_params():,} params ({cfg.n_layer} layers, "
+        f"n_embd {cfg.n_embd}, vocab {cfg.vocab_size})"
+    )
 
 
 def placement(model, device):

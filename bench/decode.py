@@ -18,8 +18,17 @@ import argparse
 
 import torch
 
-from bench.common import (add_common_args, add_comparison_args, interleaved, ours_and_twin, placement, quartiles,
-                          report_ratio, setup, summary)
+from bench.common import (
+    add_common_args,
+    add_comparison_args,
+    interleaved,
+    ours_and_twin,
+    placement,
+    quartiles,
+    report_ratio,
+    setup,
+    summary,
+)
 
 TARGET = 1.5  # the decoding speed-up over transformers we aim for on CPU
 
@@ -53,8 +62,10 @@ def main(argv=None):
             out["HF"] = theirs.generate(prompt, attention_mask=mask, generation_config=gen_cfg)
 
     times = interleaved({"ours": run_ours, "HF": run_theirs}, args.repeats, warmup=1, device=device)
-    print(f"{summary(args, ours)}, batch 1, prompt {args.prompt_len} + {n} new tokens, greedy, "
-          f"{placement(ours, device)}; HF attention: {args.hf_attn}, dynamic cache")
+    print(
+        f"{summary(args, ours)}, batch 1, prompt {args.prompt_len} + {n} new tokens, greedy, "
+        f"{placement(ours, device)}; HF attention: {args.hf_attn}, dynamic cache"
+    )
     a, b = out["ours"], out["HF"]
     if a.shape == b.shape and torch.equal(a, b):
         print(f"tokens match: yes (all {n} new tokens identical)")
@@ -65,8 +76,10 @@ def main(argv=None):
     print(f"generate, median of {args.repeats} interleaved calls:")
     for name, ts in times.items():
         q1, med, q3 = quartiles(ts)
-        print(f"  {name:<5} {n / med:>10,.1f} new tokens/s   {1e3 * med / n:7.2f} ms/token "
-              f"(p25 {1e3 * q1 / n:.2f} .. p75 {1e3 * q3 / n:.2f})")
+        print(
+            f"  {name:<5} {n / med:>10,.1f} new tokens/s   {1e3 * med / n:7.2f} ms/token "
+            f"(p25 {1e3 * q1 / n:.2f} .. p75 {1e3 * q3 / n:.2f})"
+        )
     return report_ratio("decode tokens/s ours / HF", times["ours"], times["HF"], TARGET)
 
 

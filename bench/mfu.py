@@ -68,7 +68,10 @@ def nominal_peak(args, device, dtype):
         return None, None
     if args.peak_tflops:
         return peak, f"--peak-tflops {args.peak_tflops:g}"
-    return peak, f"{torch.cuda.get_device_name(device)}, dense {args.dtype} {peak / 1e12:g} TFLOP/s, {spec.package}/train.py"
+    return (
+        peak,
+        f"{torch.cuda.get_device_name(device)}, dense {args.dtype} {peak / 1e12:g} TFLOP/s, {spec.package}/train.py",
+    )
 
 
 def main(argv=None):
@@ -77,8 +80,12 @@ def main(argv=None):
     parser.add_argument("--preset", help="a Config preset (e.g. gpt2, llama32_1b) instead of the CPU benchmark config")
     parser.add_argument("--batch-size", type=int, help="default 8 on CPU, 16 on CUDA")
     parser.add_argument("--seq-len", type=int, help="default 128 on CPU, 1024 on CUDA (at most block_size)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="GEMM dtype and training compute dtype (bfloat16: autocast, fp32 weights)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="GEMM dtype and training compute dtype (bfloat16: autocast, fp32 weights)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--gemm-sizes", help="comma-separated n of the n x n GEMMs (default by device)")
     parser.add_argument("--repeats", type=int, default=10, help="timed training steps (and GEMMs beside them)")
@@ -100,8 +107,11 @@ def main(argv=None):
     peak = peaks[best_n]
     threads = f", {torch.get_num_threads()} thread(s)" if not cuda else ""
     where = torch.cuda.get_device_name(device) if cuda else f"cpu{threads}"
-    print(f"{args.dtype} GEMM on {where}: " + ", ".join(f"n={n} {rate(f)}" for n, f in peaks.items())
-          + f"; measured peak {rate(peak)} (n={best_n})")
+    print(
+        f"{args.dtype} GEMM on {where}: "
+        + ", ".join(f"n={n} {rate(f)}" for n, f in peaks.items())
+        + f"; measured peak {rate(peak)} (n={best_n})"
+    )
 
     # --- our training step
     ours = build_ours(args, preset=args.preset).to(device).train()
@@ -133,11 +143,15 @@ def main(argv=None):
     gemm_alongside = gemm_flops / statistics.median(times["gemm"])
     mode = args.dtype + (" autocast" if dtype != torch.float32 else "") + (", torch.compile" if args.compile else "")
     print(f"{summary(args, ours)}, batch {batch_size} x {seq_len} tokens, {mode}")
-    print(f"train step: {tokens / med:,.0f} tokens/s, {1e3 * med:.1f} ms/step "
-          f"(p25 {1e3 * q1:.1f} .. p75 {1e3 * q3:.1f}), median of {args.repeats}")
+    print(
+        f"train step: {tokens / med:,.0f} tokens/s, {1e3 * med:.1f} ms/step "
+        f"(p25 {1e3 * q1:.1f} .. p75 {1e3 * q3:.1f}), median of {args.repeats}"
+    )
     print(f"flops_per_token({seq_len}) = {fpt / 1e6:,.2f} MFLOP -> {rate(achieved)} achieved")
-    print(f"MFU: {100 * achieved / peak:.1f}% of the measured peak "
-          f"({100 * achieved / gemm_alongside:.1f}% of the GEMMs run alongside, {rate(gemm_alongside)})")
+    print(
+        f"MFU: {100 * achieved / peak:.1f}% of the measured peak "
+        f"({100 * achieved / gemm_alongside:.1f}% of the GEMMs run alongside, {rate(gemm_alongside)})"
+    )
     nominal, label = nominal_peak(args, device, dtype)
     if nominal:
         print(f"MFU: {100 * achieved / nominal:.1f}% of the nominal peak ({label})")

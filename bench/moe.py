@@ -24,8 +24,9 @@ TARGET = 3.0  # grouped over loop, forward, at 64 experts on CPU
 
 
 def make_moe(args, n_experts, top_k):
-    cfg = Config.from_preset("tiny_moe", n_embd=args.n_embd, n_experts=n_experts, n_experts_per_tok=top_k,
-                             moe_intermediate_size=args.hidden)
+    cfg = Config.from_preset(
+        "tiny_moe", n_embd=args.n_embd, n_experts=n_experts, n_experts_per_tok=top_k, moe_intermediate_size=args.hidden
+    )
     moe = MoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
@@ -41,9 +42,14 @@ def hf_block(moe, experts_implementation):
     except ImportError:
         return None
     E, H, D = moe.w1.shape
-    cfg = transformers.Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=H, num_experts=E,
-                                      num_experts_per_tok=moe.router.top_k, norm_topk_prob=moe.router.norm_topk_prob,
-                                      experts_implementation=experts_implementation)
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=D,
+        moe_intermediate_size=H,
+        num_experts=E,
+        num_experts_per_tok=moe.router.top_k,
+        norm_topk_prob=moe.router.norm_topk_prob,
+        experts_implementation=experts_implementation,
+    )
     block = Qwen3MoeSparseMoeBlock(cfg).to(moe.w1.device, moe.w1.dtype).eval()
     with torch.no_grad():
         block.gate.weight.copy_(moe.router.weight)
@@ -70,16 +76,31 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds of each contender")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps ratios stable on a shared machine, 0 is torch's default")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 keeps ratios stable on a shared machine, 0 is torch's default",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"n_embd {args.n_embd}, expert hidden {args.hidden}, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} thread(s); median ms of {args.repeats} interleaved rounds")
-    header = ("tokens", "experts", "k", "loop", "grouped", "grouped speed-up", "fwd+bwd speed-up",
-              "ours vs HF eager", "ours vs HF grouped_mm")
+    print(
+        f"n_embd {args.n_embd}, expert hidden {args.hidden}, {args.device} {args.dtype}, "
+        f"{torch.get_num_threads()} thread(s); median ms of {args.repeats} interleaved rounds"
+    )
+    header = (
+        "tokens",
+        "experts",
+        "k",
+        "loop",
+        "grouped",
+        "grouped speed-up",
+        "fwd+bwd speed-up",
+        "ours vs HF eager",
+        "ours vs HF grouped_mm",
+    )
     print(" | ".join(header))
     for n_tokens, n_experts in ((int(t), int(e)) for t in args.tokens.split(",") for e in args.experts.split(",")):
         top_k = max(1, min(args.top_k, n_experts // 4))
@@ -87,12 +108,13 @@ def main(argv=None):
         x = torch.randn(1, n_tokens, args.n_embd, device=args.device, dtype=moe.w1.dtype)
         x_grad = x.clone().requires_grad_()
 
-        def forward(impl):
+        # defaults bind this round's moe and inputs (the closures run within the round anyway)
+        def forward(impl, moe=moe, x=x):
             moe.impl = impl
             with torch.no_grad():
                 moe(x)
 
-        def forward_backward(impl):
+        def forward_backward(impl, moe=moe, x_grad=x_grad):
             moe.impl = impl
             moe(x_grad)[0].square().sum().backward()
 
@@ -100,22 +122,39 @@ def main(argv=None):
         for hf_impl in ("eager", "grouped_mm"):
             block = hf_block(moe, hf_impl)
             if block is not None:
-                fwd["HF " + hf_impl] = lambda block=block: block(x)
+                fwd["HF " + hf_impl] = lambda block=block, x=x: block(x)
         with torch.no_grad():
             t = interleaved(fwd, args.repeats, device=args.device)
-        t_bwd = interleaved({impl: (lambda impl=impl: forward_backward(impl)) for impl in ("loop", "grouped")},
-                            args.repeats, device=args.device)
+        t_bwd = interleaved(
+            {impl: (lambda impl=impl: forward_backward(impl)) for impl in ("loop", "grouped")},
+            args.repeats,
+            device=args.device,
+        )
         t_bwd = {k + " bwd": v for k, v in t_bwd.items()}
         t.update(t_bwd)
         ms = {k: 1e3 * statistics.median(v) for k, v in t.items()}
-        print(" | ".join((f"{n_tokens}", f"{n_experts}", f"{top_k}", f"{ms['loop']:.2f}", f"{ms['grouped']:.2f}",
-                          ratio(t, "loop", "grouped"), ratio(t, "loop bwd", "grouped bwd"),
-                          ratio(t, "HF eager", "loop"), ratio(t, "HF grouped_mm", "grouped"))))
+        print(
+            " | ".join(
+                (
+                    f"{n_tokens}",
+                    f"{n_experts}",
+                    f"{top_k}",
+                    f"{ms['loop']:.2f}",
+                    f"{ms['grouped']:.2f}",
+                    ratio(t, "loop", "grouped"),
+                    ratio(t, "loop bwd", "grouped bwd"),
+                    ratio(t, "HF eager", "loop"),
+                    ratio(t, "HF grouped_mm", "grouped"),
+                )
+            )
+        )
         if n_experts == 64:
             speedup = statistics.median(t["loop"]) / statistics.median(t["grouped"])
             print(f"  target: grouped >= {TARGET}x the loop at 64 experts: {'met' if speedup >= TARGET else 'not met'}")
-    print("speed-up = loop time / grouped time; 'ours vs HF' = transformers' time / ours (above 1x: ours is faster; "
-          "HF eager against our loop, HF grouped_mm against our grouped path)")
+    print(
+        "speed-up = loop time / grouped time; 'ours vs HF' = transformers' time / ours (above 1x: ours is faster; "
+        "HF eager against our loop, HF grouped_mm against our grouped path)"
+    )
 
 
 if __name__ == "__main__":

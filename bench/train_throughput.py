@@ -19,8 +19,17 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bench.common import (add_common_args, add_comparison_args, interleaved, ours_and_twin, placement, quartiles,
-                          report_ratio, setup, summary)
+from bench.common import (
+    add_common_args,
+    add_comparison_args,
+    interleaved,
+    ours_and_twin,
+    placement,
+    quartiles,
+    report_ratio,
+    setup,
+    summary,
+)
 
 TARGET = 1.2  # the speed-up over transformers we aim for on CPU
 
@@ -68,23 +77,30 @@ def main(argv=None):
     ours, theirs = (m.train() for m in ours_and_twin(args, device))
     cfg = ours.cfg
     g = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, cfg.vocab_size, (2, args.batch_size, args.seq_len), generator=g).to(device)
-               for _ in range(4)]  # (x, y) pairs, reused cyclically by both models
+    batches = [
+        torch.randint(0, cfg.vocab_size, (2, args.batch_size, args.seq_len), generator=g).to(device) for _ in range(4)
+    ]  # (x, y) pairs, reused cyclically by both models
 
     steps = {"ours": make_step(ours, batches, ours_loss, args.lr), "HF": make_step(theirs, batches, hf_loss, args.lr)}
     first = {name: step().item() for name, step in steps.items()}  # also the warm-up
-    print(f"{summary(args, ours)}, batch {args.batch_size} x {args.seq_len} tokens, {placement(ours, device)}; "
-          f"HF attention: {args.hf_attn}")
-    print(f"first-step loss: ours {first['ours']:.5f}, HF {first['HF']:.5f} "
-          f"(|diff| {abs(first['ours'] - first['HF']):.1e}; same weights, same batch)")
+    print(
+        f"{summary(args, ours)}, batch {args.batch_size} x {args.seq_len} tokens, {placement(ours, device)}; "
+        f"HF attention: {args.hf_attn}"
+    )
+    print(
+        f"first-step loss: ours {first['ours']:.5f}, HF {first['HF']:.5f} "
+        f"(|diff| {abs(first['ours'] - first['HF']):.1e}; same weights, same batch)"
+    )
 
     times = interleaved(steps, args.repeats, warmup=1, device=device)
     tokens = args.batch_size * args.seq_len
     print(f"forward + backward + AdamW, median of {args.repeats} interleaved steps:")
     for name, ts in times.items():
         q1, med, q3 = quartiles(ts)
-        print(f"  {name:<5} {tokens / med:>10,.0f} tokens/s   {1e3 * med:8.1f} ms/step "
-              f"(p25 {1e3 * q1:.1f} .. p75 {1e3 * q3:.1f})")
+        print(
+            f"  {name:<5} {tokens / med:>10,.0f} tokens/s   {1e3 * med:8.1f} ms/step "
+            f"(p25 {1e3 * q1:.1f} .. p75 {1e3 * q3:.1f})"
+        )
     return report_ratio("train tokens/s ours / HF", times["ours"], times["HF"], TARGET)
 
 

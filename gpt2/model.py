@@ -50,6 +50,7 @@ class Config:
         return self.n_embd // self.n_head
 
     # --- presets: looked up by exact name, never fuzzy-matched ---
+    # fmt: off
 
     @classmethod
     def tiny(cls):  # the CPU default: trains on Shakespeare in about a minute
@@ -72,6 +73,7 @@ class Config:
         return cls(n_layer=48, n_head=25, n_embd=1600, intermediate_size=6400)
 
     PRESETS = ("tiny", "gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl")
+    # fmt: on
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -217,7 +219,9 @@ class Transformer(nn.Module):
     def check_input(self, idx, pos=0):
         """Fail with a message a user can act on, instead of an index error deep inside torch."""
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}")
+            raise ValueError(
+                f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}"
+            )
         if pos + idx.size(1) > self.cfg.block_size:
             raise ValueError(
                 f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
@@ -226,7 +230,9 @@ class Transformer(nn.Module):
         if not torch.compiler.is_compiling():
             outside = (idx < 0) | (idx >= self.cfg.vocab_size)
             if outside.any():  # one host sync per forward; the details are read only on failure
-                raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise ValueError(
+                    f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
 
     def forward(self, idx, targets=None, *, cache=None, pos=0, aux=None):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
@@ -245,7 +251,9 @@ class Transformer(nn.Module):
     def make_cache(self, batch_size, max_seq_len=None):
         cfg, p = self.cfg, self.lm_head.weight
         max_seq_len = max_seq_len or cfg.block_size
-        return [KVCache(batch_size, max_seq_len, cfg.n_head, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
+        return [
+            KVCache(batch_size, max_seq_len, cfg.n_head, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)
+        ]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
@@ -288,11 +296,13 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
         from . import hf
+
         return hf.load(path, **overrides)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
         """Save as a Hugging Face directory, in safetensors shards of at most max_shard_bytes."""
         from . import hf
+
         hf.save(self, path, max_shard_bytes)
 
 
@@ -314,6 +324,8 @@ if __name__ == "__main__":  # smoke check: python gpt2/model.py
     model = Transformer(Config.tiny())
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
     logits, loss = model(idx, idx)
-    print(f"tiny GPT-2: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
-          f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})")
+    print(
+        f"tiny GPT-2: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+        f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})"
+    )
     print("generated ids:", model.generate(idx[:1, :4], 8, temperature=0).tolist())

@@ -56,14 +56,24 @@ class Config:
     init_std: float = 0.02  # std of the normal initialisation
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "intermediate_size",
-                     "rope_original_block_size"):
+        for name in (
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_kv_heads",
+            "n_embd",
+            "intermediate_size",
+            "rope_original_block_size",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"Config.n_embd ({self.n_embd}) must be divisible by Config.n_head ({self.n_head})")
         if self.n_head % self.n_kv_heads != 0:
-            raise ValueError(f"Config.n_head ({self.n_head}) must be divisible by Config.n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"Config.n_head ({self.n_head}) must be divisible by Config.n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim = Config.n_embd // Config.n_head ({self.head_dim}) must be even for RoPE")
         if self.attn_impl not in ("sdpa", "math"):
@@ -75,14 +85,17 @@ class Config:
         if self.rope_factor is not None and not self.rope_factor > 0:
             raise ValueError(f"Config.rope_factor must be > 0 or None (no scaling), got {self.rope_factor!r}")
         if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
-            raise ValueError(f"Config.rope_low_freq_factor ({self.rope_low_freq_factor}) must be > 0 and below "
-                             f"Config.rope_high_freq_factor ({self.rope_high_freq_factor})")
+            raise ValueError(
+                f"Config.rope_low_freq_factor ({self.rope_low_freq_factor}) must be > 0 and below "
+                f"Config.rope_high_freq_factor ({self.rope_high_freq_factor})"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
     # --- presets: looked up by exact name, never fuzzy-matched ---
+    # fmt: off
 
     @classmethod
     def tiny(cls):  # the CPU default: gpt2's tiny with the GPT-2 vocabulary padded to a multiple of 64
@@ -114,6 +127,7 @@ class Config:
                    tie_embeddings=True, rope_factor=32.0)
 
     PRESETS = ("tiny", "llama31_8b", "llama31_70b", "llama31_405b", "llama32_1b", "llama32_3b")
+    # fmt: on
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -223,7 +237,8 @@ def causal_attention(q, k, v, pos, impl):
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.n_head, self.n_kv_heads, self.head_dim, self.attn_impl = cfg.n_head, cfg.n_kv_heads, cfg.head_dim, cfg.attn_impl
+        self.n_head, self.n_kv_heads, self.head_dim = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
+        self.attn_impl = cfg.attn_impl
         self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -312,7 +327,9 @@ class Transformer(nn.Module):
     def check_input(self, idx, pos=0):
         """Fail with a message a user can act on, instead of an index error deep inside torch."""
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}")
+            raise ValueError(
+                f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}"
+            )
         if pos + idx.size(1) > self.cfg.block_size:
             raise ValueError(
                 f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
@@ -321,7 +338,9 @@ class Transformer(nn.Module):
         if not torch.compiler.is_compiling():
             outside = (idx < 0) | (idx >= self.cfg.vocab_size)
             if outside.any():  # one host sync per forward; the details are read only on failure
-                raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise ValueError(
+                    f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
 
     def forward(self, idx, targets=None, *, cache=None, pos=0, aux=None):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
@@ -329,7 +348,8 @@ class Transformer(nn.Module):
         self.check_input(idx, pos)
         x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
         T = idx.size(1)
-        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, head_dim), sliced once for all layers
+        # (T, head_dim) each: the rows of these positions, sliced once for all layers
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i], pos)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
@@ -341,7 +361,10 @@ class Transformer(nn.Module):
     def make_cache(self, batch_size, max_seq_len=None):
         cfg, p = self.cfg, self.lm_head.weight
         max_seq_len = max_seq_len or cfg.block_size
-        return [KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
+        return [
+            KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device)
+            for _ in range(cfg.n_layer)
+        ]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
@@ -386,11 +409,13 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
         from . import hf
+
         return hf.load(path, **overrides)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
         """Save as a Hugging Face directory, in safetensors shards of at most max_shard_bytes."""
         from . import hf
+
         hf.save(self, path, max_shard_bytes)
 
 
@@ -412,6 +437,8 @@ if __name__ == "__main__":  # smoke check: python llama31/model.py
     model = Transformer(Config.tiny())
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
     logits, loss = model(idx, idx)
-    print(f"tiny Llama 3.1: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
-          f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})")
+    print(
+        f"tiny Llama 3.1: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+        f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})"
+    )
     print("generated ids:", model.generate(idx[:1, :4], 8, temperature=0).tolist())

@@ -26,15 +26,19 @@ from .model import Config, Transformer
 
 def config_from_hf(hf: dict, **overrides) -> Config:
     if hf.get("attention_bias") or hf.get("use_sliding_window") or hf.get("hidden_act", "silu") != "silu":
-        raise ValueError("config.json asks for attention_bias, use_sliding_window or a hidden_act other than "
-                         "silu; no released Qwen 3 does, and this file does not implement them")
+        raise ValueError(
+            "config.json asks for attention_bias, use_sliding_window or a hidden_act other than "
+            "silu; no released Qwen 3 does, and this file does not implement them"
+        )
     # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, including
     # Qwen's published ones, write rope_theta beside a rope_scaling dict (null in Qwen 3)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":  # diff vs llama31: Qwen 3 as released scales no RoPE frequencies
-        raise ValueError(f"config.json asks for RoPE scaling of type {rope_type!r} (rope_parameters / rope_scaling); "
-                         "Qwen 3 here supports only 'default', unscaled RoPE: YaRN is not implemented")
+        raise ValueError(
+            f"config.json asks for RoPE scaling of type {rope_type!r} (rope_parameters / rope_scaling); "
+            "Qwen 3 here supports only 'default', unscaled RoPE: YaRN is not implemented"
+        )
     moe = {}  # diff vs llama31: the MoE fields
     if hf.get("model_type") == "qwen3_moe":
         # transformers >= 5 saves num_experts under its alias num_local_experts
@@ -85,17 +89,19 @@ def config_to_hf(cfg: Config) -> dict:
         "use_sliding_window": False,
     }
     if cfg.n_experts:
-        hf.update({
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "model_type": "qwen3_moe",
-            "num_experts": cfg.n_experts,
-            "num_experts_per_tok": cfg.n_experts_per_tok,
-            "moe_intermediate_size": cfg.moe_intermediate_size,
-            "norm_topk_prob": cfg.norm_topk_prob,
-            "decoder_sparse_step": cfg.decoder_sparse_step,
-            "mlp_only_layers": list(cfg.mlp_only_layers),
-            "router_aux_loss_coef": cfg.router_aux_loss_coef,
-        })
+        hf.update(
+            {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe",
+                "num_experts": cfg.n_experts,
+                "num_experts_per_tok": cfg.n_experts_per_tok,
+                "moe_intermediate_size": cfg.moe_intermediate_size,
+                "norm_topk_prob": cfg.norm_topk_prob,
+                "decoder_sparse_step": cfg.decoder_sparse_step,
+                "mlp_only_layers": list(cfg.mlp_only_layers),
+                "router_aux_loss_coef": cfg.router_aux_loss_coef,
+            }
+        )
     return hf
 
 
@@ -239,8 +245,11 @@ def load_state_dict_strict(model, state):
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         raise KeyError(
             "checkpoint does not match the model:"

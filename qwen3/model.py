@@ -63,12 +63,15 @@ class Config:
     init_std: float = 0.02  # std of the normal initialisation
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim",
-                     "intermediate_size", "n_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim")
+        positive += ("intermediate_size", "n_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+        for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_heads != 0:
-            raise ValueError(f"Config.n_head ({self.n_head}) must be divisible by Config.n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"Config.n_head ({self.n_head}) must be divisible by Config.n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim % 2 != 0:
             raise ValueError(f"Config.head_dim ({self.head_dim}) must be even for RoPE")
         if self.attn_impl not in ("sdpa", "math"):
@@ -80,11 +83,14 @@ class Config:
         if not isinstance(self.n_experts, int) or self.n_experts < 0:
             raise ValueError(f"Config.n_experts must be an integer >= 0 (0: dense), got {self.n_experts!r}")
         if self.n_experts and self.n_experts_per_tok > self.n_experts:
-            raise ValueError(f"Config.n_experts_per_tok ({self.n_experts_per_tok}) must be at most "
-                             f"Config.n_experts ({self.n_experts})")
+            raise ValueError(
+                f"Config.n_experts_per_tok ({self.n_experts_per_tok}) must be at most "
+                f"Config.n_experts ({self.n_experts})"
+            )
         if not all(isinstance(i, int) and 0 <= i < self.n_layer for i in self.mlp_only_layers):
-            raise ValueError(f"Config.mlp_only_layers must hold layer indices in [0, {self.n_layer}), "
-                             f"got {self.mlp_only_layers!r}")
+            raise ValueError(
+                f"Config.mlp_only_layers must hold layer indices in [0, {self.n_layer}), got {self.mlp_only_layers!r}"
+            )
         if not self.router_aux_loss_coef >= 0:
             raise ValueError(f"Config.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef!r}")
         if self.moe_impl not in ("grouped", "loop"):
@@ -95,6 +101,7 @@ class Config:
         return self.n_experts > 0 and (i + 1) % self.decoder_sparse_step == 0 and i not in self.mlp_only_layers
 
     # --- presets: looked up by exact name, never fuzzy-matched ---
+    # fmt: off
 
     @classmethod
     def tiny(cls):  # the CPU default: gpt2's tiny with the GPT-2 vocabulary padded to a multiple of 64
@@ -142,6 +149,7 @@ class Config:
 
     PRESETS = ("tiny", "tiny_moe", "qwen3_0_6b", "qwen3_1_7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b",
                "qwen3_30b_a3b", "qwen3_235b_a22b")
+    # fmt: on
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -242,7 +250,8 @@ def causal_attention(q, k, v, pos, impl):
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.n_head, self.n_kv_heads, self.head_dim, self.attn_impl = cfg.n_head, cfg.n_kv_heads, cfg.head_dim, cfg.attn_impl
+        self.n_head, self.n_kv_heads, self.head_dim = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
+        self.attn_impl = cfg.attn_impl
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)  # diff vs llama31: head_dim is free
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -370,8 +379,9 @@ def grouped_mm(x, w, offs):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:]) and x.data_ptr() % 16 == w.data_ptr() % 16 == 0
-    cuda_ok = (x.device.type == "cuda" and x.dtype == torch.bfloat16
-               and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    cuda_ok = (
+        x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
     usable = hasattr(F, "grouped_mm") and x.dtype == w.dtype and aligned and (x.device.type == "cpu" or cuda_ok)
     if usable:
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
@@ -473,7 +483,9 @@ class Transformer(nn.Module):
     def check_input(self, idx, pos=0):
         """Fail with a message a user can act on, instead of an index error deep inside torch."""
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}")
+            raise ValueError(
+                f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}"
+            )
         if pos + idx.size(1) > self.cfg.block_size:
             raise ValueError(
                 f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
@@ -482,7 +494,9 @@ class Transformer(nn.Module):
         if not torch.compiler.is_compiling():
             outside = (idx < 0) | (idx >= self.cfg.vocab_size)
             if outside.any():  # one host sync per forward; the details are read only on failure
-                raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise ValueError(
+                    f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
 
     def forward(self, idx, targets=None, *, cache=None, pos=0, aux=None):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
@@ -490,7 +504,8 @@ class Transformer(nn.Module):
         self.check_input(idx, pos)
         x = self.tok_emb(idx)  # (B, T, n_embd); positions enter only through RoPE in attention
         T = idx.size(1)
-        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]  # (T, head_dim), sliced once for all layers
+        # (T, head_dim) each: the rows of these positions, sliced once for all layers
+        cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         router_logits, experts = [], []  # diff vs llama31: per MoE layer, (B*T, n_experts) and the chosen (B*T, k)
         for i, layer in enumerate(self.layers):
             x, layer_logits, layer_experts = layer(x, cos, sin, None if cache is None else cache[i], pos)
@@ -517,7 +532,10 @@ class Transformer(nn.Module):
     def make_cache(self, batch_size, max_seq_len=None):
         cfg, p = self.cfg, self.lm_head.weight
         max_seq_len = max_seq_len or cfg.block_size
-        return [KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device) for _ in range(cfg.n_layer)]
+        return [
+            KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device)
+            for _ in range(cfg.n_layer)
+        ]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
@@ -558,7 +576,9 @@ class Transformer(nn.Module):
         # when it shares its matrix with the embedding lookup, so a tied lm_head counts too.
         cfg = self.cfg
         # diff vs llama31: with MoE, only the active parameters do matmuls for a token
-        n_matmul = self.num_params(non_embedding=True, active=True) + (self.lm_head.weight.numel() if cfg.tie_embeddings else 0)
+        n_matmul = self.num_params(non_embedding=True, active=True) + (
+            self.lm_head.weight.numel() if cfg.tie_embeddings else 0
+        )
         return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
     # -------------------------------------------------------------------------
@@ -568,11 +588,13 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, **overrides):
         """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
         from . import hf
+
         return hf.load(path, **overrides)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
         """Save as a Hugging Face directory, in safetensors shards of at most max_shard_bytes."""
         from . import hf
+
         hf.save(self, path, max_shard_bytes)
 
 
@@ -595,6 +617,8 @@ if __name__ == "__main__":  # smoke check: python qwen3/model.py
         model = Transformer(Config.from_preset(preset))
         idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
         logits, loss = model(idx, idx)
-        print(f"{preset} Qwen 3: {model.num_params():,} params ({model.num_params(active=True):,} active), "
-              f"logits {tuple(logits.shape)}, loss {loss.item():.3f} (ln vocab = {math.log(model.cfg.vocab_size):.3f})")
+        print(
+            f"{preset} Qwen 3: {model.num_params():,} params ({model.num_params(active=True):,} active), "
+            f"logits {tuple(logits.shape)}, loss {loss.item():.3f} (ln vocab = {math.log(model.cfg.vocab_size):.3f})"
+        )
         print("generated ids:", model.generate(idx[:1, :4], 8, temperature=0).tolist())

@@ -52,28 +52,50 @@ def parse_args(argv=None):
     m = p.add_argument_group("model")
     # SUPPRESS: no default in args, so an explicit --preset can be told from the default one
     m.add_argument("--preset", default=argparse.SUPPRESS, choices=Config.PRESETS, help="model size (default: tiny)")
-    m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a Config field of the preset, e.g. --set n_layer=2 (repeatable)")
-    m.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face checkpoint directory instead "
-                   "(its config.json is the architecture, so not with --preset or --set)")
+    m.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a Config field of the preset, e.g. --set n_layer=2 (repeatable)",
+    )
+    m.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from a Hugging Face checkpoint directory instead "
+        "(its config.json is the architecture, so not with --preset or --set)",
+    )
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
-    m.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass to save memory")
+    m.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass to save memory",
+    )
     d = p.add_argument_group("data")
-    d.add_argument("--data-dir", help="directory of *_train_*.bin / *_val_*.bin token shards "
-                   "(default: the bundled Shakespeare, prepared into data/shakespeare on first use)")
+    d.add_argument(
+        "--data-dir",
+        help="directory of *_train_*.bin / *_val_*.bin token shards "
+        "(default: the bundled Shakespeare, prepared into data/shakespeare on first use)",
+    )
     d.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a directory/file with tokenizer.json (for samples)")
     d.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
     d.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (at most the model's block_size)")
-    d.add_argument("--total-batch-tokens", type=int,
-                   help="tokens per optimizer step over all processes; reached by gradient accumulation "
-                        "(default: one micro-batch per process)")
+    d.add_argument(
+        "--total-batch-tokens",
+        type=int,
+        help="tokens per optimizer step over all processes; reached by gradient accumulation "
+        "(default: one micro-batch per process)",
+    )
     o = p.add_argument_group("optimizer")
     o.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (the default suits the tiny preset)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     o.add_argument("--warmup-steps", type=int, default=20)
-    o.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"),
-                   help="cosine decay, or warmup-stable-decay (linear decay over the last --decay-frac)")
+    o.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=("cosine", "wsd"),
+        help="cosine decay, or warmup-stable-decay (linear decay over the last --decay-frac)",
+    )
     o.add_argument("--decay-frac", type=float, default=0.2, help="wsd: fraction of steps spent decaying")
     o.add_argument("--weight-decay", type=float, default=0.1, help="applied to matrices only, not norms or biases")
     o.add_argument("--beta1", type=float, default=0.9)
@@ -81,21 +103,36 @@ def parse_args(argv=None):
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 disables)")
     r = p.add_argument_group("run")
     r.add_argument("--max-steps", type=int, default=250, help="optimizer steps (sets the LR schedule's length)")
-    r.add_argument("--stop-after", type=int, help="end this run after N steps, checkpointed, to --resume later "
-                   "(splits a run across time-limited jobs without changing the schedule)")
+    r.add_argument(
+        "--stop-after",
+        type=int,
+        help="end this run after N steps, checkpointed, to --resume later "
+        "(splits a run across time-limited jobs without changing the schedule)",
+    )
     r.add_argument("--eval-every", type=int, default=50, help="steps between validation runs (0: only at the end)")
     r.add_argument("--eval-steps", type=int, default=10, help="validation batches per run")
     r.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     r.add_argument("--seed", type=int, default=1337)
-    r.add_argument("--out-dir", default=str(Path("out") / Path(__file__).parent.name),  # out/<model>
-                   help="checkpoints and metrics.jsonl go here")
+    r.add_argument(
+        "--out-dir",
+        default=str(Path("out") / Path(__file__).parent.name),  # out/<model>
+        help="checkpoints and metrics.jsonl go here",
+    )
     r.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
-    r.add_argument("--parallel", default="none", choices=("none", "ddp", "fsdp"),
-                   help="data parallelism under torchrun: DDP replicates the model, FSDP2 shards it")
+    r.add_argument(
+        "--parallel",
+        default="none",
+        choices=("none", "ddp", "fsdp"),
+        help="data parallelism under torchrun: DDP replicates the model, FSDP2 shards it",
+    )
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
-    r.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="compute dtype; auto = bfloat16 mixed precision on GPU, float32 on CPU")
+    r.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="compute dtype; auto = bfloat16 mixed precision on GPU, float32 on CPU",
+    )
     r.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: known GPUs; none on CPU)")
     s = p.add_argument_group("sampling")
     s.add_argument("--generate", action="store_true", help="only sample from the checkpoint (or --init-from)")
@@ -150,7 +187,9 @@ def pretrained_config(path):
     try:
         theirs = json.loads(file.read_text()).get("model_type")
         if not str(theirs).startswith(ours):  # qwen3 reads both qwen3 and qwen3_moe
-            raise SystemExit(f"--init-from {path}: config.json has model_type {theirs!r}; this train.py trains {ours!r}")
+            raise SystemExit(
+                f"--init-from {path}: config.json has model_type {theirs!r}; this train.py trains {ours!r}"
+            )
         return hf.read_config(path)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SystemExit(f"--init-from {path}: config.json is not a {ours!r} config we can read ({e!r})") from None
@@ -199,7 +238,9 @@ def setup_distributed(args):
     if args.parallel == "none" and world_size > 1:
         raise SystemExit(f"launched with {world_size} processes: pass --parallel ddp or --parallel fsdp")
     if args.parallel != "none" and "RANK" not in os.environ:
-        raise SystemExit(f"--parallel {args.parallel} needs torchrun, e.g. torchrun --nproc_per_node 2 {sys.argv[0]} ...")
+        raise SystemExit(
+            f"--parallel {args.parallel} needs torchrun, e.g. torchrun --nproc_per_node 2 {sys.argv[0]} ..."
+        )
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -340,8 +381,18 @@ CHECKPOINT_NAMES = ("ckpt.pt", "ckpt_dcp")  # one file without FSDP, a directory
 RUN_SETTINGS = ("batch_size", "seq_len", "total_batch_tokens", "dtype")
 # What --resume may change, each change logged: e.g. a lower --lr after a divergence, or a larger
 # --max-steps to extend a run (the schedule is then recomputed from the new length).
-SCHEDULE_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_frac", "weight_decay",
-                     "beta1", "beta2", "grad_clip", "max_steps")
+SCHEDULE_SETTINGS = (
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "schedule",
+    "decay_frac",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "max_steps",
+)
 
 
 def checkpoint_path(args):
@@ -448,8 +499,12 @@ def load_checkpoint(path, model, optimizer, args):
 def run_settings(args, total_batch, compute_dtype):
     """The arguments stored with a checkpoint (RUN_SETTINGS and SCHEDULE_SETTINGS), as resolved."""
     settings = {name: getattr(args, name) for name in SCHEDULE_SETTINGS}
-    return settings | {"batch_size": args.batch_size, "seq_len": args.seq_len, "total_batch_tokens": total_batch,
-                       "dtype": str(compute_dtype).removeprefix("torch.")}
+    return settings | {
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "total_batch_tokens": total_batch,
+        "dtype": str(compute_dtype).removeprefix("torch."),
+    }
 
 
 def differences(old, new, names):
@@ -463,14 +518,18 @@ def check_resumable(meta, path, cfg, settings, args, log):
     if args.generate:  # sampling needs only the same architecture
         changed = differences(meta.get("config", {}), config, config)
         if changed:
-            raise SystemExit(f"--generate: {path} holds a model with another Config: {', '.join(changed)}; "
-                             "pass the --preset and --set it was trained with")
+            raise SystemExit(
+                f"--generate: {path} holds a model with another Config: {', '.join(changed)}; "
+                "pass the --preset and --set it was trained with"
+            )
         return
     stored = meta.get("settings", {})
     changed = differences(meta.get("config", {}), config, config) + differences(stored, settings, RUN_SETTINGS)
     if changed:
-        raise SystemExit(f"--resume: {path} was trained with other settings: {', '.join(changed)}; pass the same "
-                         "values, or start a new run in another --out-dir")
+        raise SystemExit(
+            f"--resume: {path} was trained with other settings: {', '.join(changed)}; pass the same "
+            "values, or start a new run in another --out-dir"
+        )
     changed = differences(stored, settings, SCHEDULE_SETTINGS)
     if changed:
         log(f"resuming with changed settings: {', '.join(changed)}")
@@ -546,7 +605,11 @@ def train(args):
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    compute_dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") else torch.float32
+    compute_dtype = (
+        torch.bfloat16
+        if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+        else torch.float32
+    )
     # FSDP casts through its mixed-precision policy; elsewhere autocast does
     use_autocast = compute_dtype != torch.float32 and args.parallel != "fsdp"
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=use_autocast)
@@ -557,8 +620,10 @@ def train(args):
     tokens_per_micro = args.batch_size * args.seq_len * world_size
     total_batch = args.total_batch_tokens or tokens_per_micro
     if total_batch % tokens_per_micro:
-        raise SystemExit(f"--total-batch-tokens {total_batch} is not a multiple of batch-size x seq-len x "
-                         f"processes = {tokens_per_micro}")
+        raise SystemExit(
+            f"--total-batch-tokens {total_batch} is not a multiple of batch-size x seq-len x "
+            f"processes = {tokens_per_micro}"
+        )
     accum = total_batch // tokens_per_micro
     settings = run_settings(args, total_batch, compute_dtype)
 
@@ -568,13 +633,18 @@ def train(args):
     found, meta = find_checkpoint(ckpt), None
     if args.resume or (args.generate and not args.init_from):
         if found is None:
-            hint = f" ({existing[0]} was written {'with' if existing[0].is_dir() else 'without'} --parallel fsdp)" if existing else ""
+            hint = (
+                f" ({existing[0]} was written {'with' if existing[0].is_dir() else 'without'} --parallel fsdp)"
+                if existing
+                else ""
+            )
             raise SystemExit(f"no checkpoint at {ckpt} to {'resume' if args.resume else 'sample'} from{hint}")
         meta = read_meta(found)
         check_resumable(meta, found, cfg, settings, args, log)
     elif existing and not args.generate:
-        raise SystemExit(f"{out_dir} already holds a run ({existing[0]}): continue it with --resume, "
-                         "or pass another --out-dir")
+        raise SystemExit(
+            f"{out_dir} already holds a run ({existing[0]}): continue it with --resume, or pass another --out-dir"
+        )
 
     model, wrapped = build_model(args, cfg, device, compute_dtype)
     optimizer = make_optimizer(model, args, device)
@@ -586,8 +656,10 @@ def train(args):
     if args.generate or args.sample_tokens:  # checked now, not after the training
         prompt = tokenizer.encode(args.prompt) or [tokenizer.eot_id]
         if max(prompt) >= cfg.vocab_size:
-            raise SystemExit(f"--prompt {args.prompt!r} has token id {max(prompt)}, outside the model's "
-                             f"vocabulary of {cfg.vocab_size}: pass the --tokenizer it was trained with")
+            raise SystemExit(
+                f"--prompt {args.prompt!r} has token id {max(prompt)}, outside the model's "
+                f"vocabulary of {cfg.vocab_size}: pass the --tokenizer it was trained with"
+            )
 
     step = 0
     if meta:
@@ -611,13 +683,17 @@ def train(args):
             dist.barrier()
     # vocab_size: a shard holding an id the model cannot embed fails when opened, naming the shard
     train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size, cfg.vocab_size)
-    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len, vocab_size=cfg.vocab_size)  # whole stream: see evaluate
+    val_loader = DataLoader(
+        data_dir, "val", args.batch_size, args.seq_len, vocab_size=cfg.vocab_size
+    )  # whole stream: see evaluate
     if meta:
         train_loader.load_state_dict(meta["loader"])
     flops_per_step = model.flops_per_token(args.seq_len) * total_batch
     peak = peak_flops(args, device, compute_dtype)
-    log(f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
-        f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process")
+    log(
+        f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
+        f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process"
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, metrics = out_dir / "metrics.jsonl", None
@@ -643,8 +719,13 @@ def train(args):
     saved = (found, step) if meta else None  # the checkpoint a stop names: (path, step)
 
     def snapshot():  # the small part of a checkpoint, taken as its step ends
-        return {"step": step, "rng": rng_state(device), "loader": train_loader.state_dict(),
-                "config": dataclasses.asdict(cfg), "settings": settings}
+        return {
+            "step": step,
+            "rng": rng_state(device),
+            "loader": train_loader.state_dict(),
+            "config": dataclasses.asdict(cfg),
+            "settings": settings,
+        }
 
     def checkpoint_now(meta):
         nonlocal saved
@@ -695,9 +776,12 @@ def train(args):
             tokens_per_s = total_batch * (step - last_logged) / (time.perf_counter() - t0)
             mfu = flops_per_step / total_batch * tokens_per_s / peak if peak else None
             figures = extras.summary()
-            log(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
-                f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
-                + "".join(f" | {name} {value:.4g}" for name, value in figures.items()))
+            log(
+                f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
+                f"{tokens_per_s:,.0f} tok/s"
+                + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                + "".join(f" | {name} {value:.4g}" for name, value in figures.items())
+            )
             t0, last_logged = time.perf_counter(), step
         record(step=step, loss=train_loss, lr=lr, **figures)
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:

@@ -346,8 +346,15 @@ def check_options(source, name: str, val_fraction: float, shard_tokens: int) -> 
 
 
 def write_split(
-    chunks: Iterable[np.ndarray], n_tokens: int, out_dir: Path, name: str, tokenizer: Tokenizer,
-    val_fraction: float, shard_tokens: int, source, log: Callable[[str], None] | None = None,
+    chunks: Iterable[np.ndarray],
+    n_tokens: int,
+    out_dir: Path,
+    name: str,
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    shard_tokens: int,
+    source,
+    log: Callable[[str], None] | None = None,
 ) -> None:
     """Write a token stream of known length, arriving in chunks, as {name}_train_000000.bin, ...
     and {name}_val_000000.bin, the stream's last `val_fraction`; then MARKER, saying what it wrote.
@@ -630,8 +637,14 @@ class DataLoader:
     """
 
     def __init__(
-        self, data_dir: str | Path, split: str, batch_size: int, seq_len: int,
-        rank: int = 0, world_size: int = 1, vocab_size: int | None = None,
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"{data_dir}: batch_size {batch_size} and seq_len {seq_len} must be positive")
@@ -745,9 +758,17 @@ dataset is cached in --cache-dir, else $HF_DATASETS_CACHE (default ~/.cache/hugg
         if args.command == "prepare":
             tokenizer = load_tokenizer(args.tokenizer)
             prepare_dataset(
-                args.input, args.out, tokenizer, args.name, args.val_fraction, args.shard_tokens,
-                text_column=args.text_column, split=args.split, config=args.config,
-                num_proc=args.num_proc, cache_dir=args.cache_dir,
+                args.input,
+                args.out,
+                tokenizer,
+                args.name,
+                args.val_fraction,
+                args.shard_tokens,
+                text_column=args.text_column,
+                split=args.split,
+                config=args.config,
+                num_proc=args.num_proc,
+                cache_dir=args.cache_dir,
             )
         else:
             download_fineweb(args.shards, args.out)

@@ -43,8 +43,14 @@ def test_decode_quick(model, capsys):
 def test_mfu_quick(model, capsys):
     mfu.main(["--quick", "--model", model, "--peak-tflops", "0.5"])
     out = capsys.readouterr().out
-    for label in ("measured peak", "tokens/s", "FLOP/s achieved", "MFU: ", "% of the measured peak",
-                  "% of the nominal peak (--peak-tflops 0.5)"):
+    for label in (
+        "measured peak",
+        "tokens/s",
+        "FLOP/s achieved",
+        "MFU: ",
+        "% of the measured peak",
+        "% of the nominal peak (--peak-tflops 0.5)",
+    ):
         assert label in out, out
 
 

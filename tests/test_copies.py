@@ -60,9 +60,11 @@ EXTENSION_POINTS = {"make_optimizer", "TrainingExtras"}
 def train_definitions(package):
     """Top-level functions, classes and constants of <package>/train.py."""
     module = importlib.import_module(f"{package}.train")
-    return {name: obj for name, obj in vars(module).items()
-            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__
-            or name.isupper()}
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__ or name.isupper()
+    }
 
 
 def interface(obj):
@@ -80,8 +82,11 @@ def definition(obj):
 def test_train_scripts_share_the_gpt2_skeleton(package):
     template, ours = train_definitions("gpt2"), train_definitions(package)
     assert set(ours) == set(template), f"{package}/train.py defines {sorted(set(ours) ^ set(template))} unlike gpt2's"
-    drifted = sorted(name for name in template
-                     if name not in EXTENSION_POINTS and definition(ours[name]) != definition(template[name]))
+    drifted = sorted(
+        name
+        for name in template
+        if name not in EXTENSION_POINTS and definition(ours[name]) != definition(template[name])
+    )
     assert not drifted, f"{package}/train.py: {drifted} differ from gpt2/train.py; re-copy them"
     reshaped = sorted(name for name in EXTENSION_POINTS if interface(ours[name]) != interface(template[name]))
     assert not reshaped, f"{package}/train.py: extension points {reshaped} changed their signatures"

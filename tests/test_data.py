@@ -522,5 +522,7 @@ def test_loader_checks_ids_against_the_vocabulary(tmp_path, monkeypatch):
     write_shard(tmp_path / "t_train_000001.bin", [0, 70_000] * 20)  # uint32 ids
     loader = DataLoader(tmp_path, "train", 2, 4, vocab_size=50_304)
     loader.load_state_dict({"shard": 1, "pos": 0})
-    with pytest.raises(DataError, match=r"t_train_000001\.bin: token id 70000 is outside .* of 50304 \(were the shards made"):
+    with pytest.raises(
+        DataError, match=r"t_train_000001\.bin: token id 70000 is outside .* of 50304 \(were the shards made"
+    ):
         loader.next_batch()

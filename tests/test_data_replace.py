@@ -35,7 +35,9 @@ def prepared(tmp_path, text, out, make=prepare) -> dict[str, bytes]:
     return files(make(tmp_path / "in.txt", out, **SPLIT))
 
 
-@pytest.mark.parametrize("maker, swap", [("prepare", "exchange"), ("prepare", "two renames"), ("prepare_dataset", "exchange")])
+@pytest.mark.parametrize(
+    "maker, swap", [("prepare", "exchange"), ("prepare", "two renames"), ("prepare_dataset", "exchange")]
+)
 def test_smaller_run_leaves_no_stale_shards(tmp_path, monkeypatch, maker, swap):
     if swap == "two renames":  # the fallback where the system cannot swap two names at once
         monkeypatch.setattr(data, "exchange", lambda a, b: False)

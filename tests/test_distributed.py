@@ -37,8 +37,9 @@ def test_fsdp_matches_single_process_and_resumes_on_another_world_size(spec, toy
     """2 ranks train half the steps and checkpoint; 1 rank resumes the sharded checkpoint."""
     expected = single_process_losses(spec, toy_data, tmp_path / "single")
     args = train_args(spec, toy_data, tmp_path / "fsdp", "--max-steps", STEPS, "--total-batch-tokens", GLOBAL_BATCH)
-    run_ranks(spec, *args, "--parallel", "fsdp", "--stop-after", STEPS // 2,
-              "--sample-tokens", 4, "--prompt", "!")  # every rank samples: FSDP gathers in each forward
+    run_ranks(
+        spec, *args, "--parallel", "fsdp", "--stop-after", STEPS // 2, "--sample-tokens", 4, "--prompt", "!"
+    )  # every rank samples: FSDP gathers in each forward
     assert (tmp_path / "fsdp" / "ckpt_dcp" / "meta.pt").exists()
     run_ranks(spec, *args, "--parallel", "fsdp", "--resume", nproc=1)
     assert losses(metrics(tmp_path / "fsdp")) == pytest.approx(expected, abs=1e-5)

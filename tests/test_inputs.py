@@ -129,11 +129,23 @@ def test_llama_config_in_the_older_spelling_maps_to_the_preset():
     from llama31.model import Config
 
     published_8b = {
-        "vocab_size": 128256, "max_position_embeddings": 131072, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096, "intermediate_size": 14336,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     }
     assert config_from_hf(published_8b) == Config.llama31_8b()
     assert config_from_hf(config_to_hf(Config.llama31_8b())) == Config.llama31_8b()

@@ -9,13 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qwen3.hf import config_from_hf
-from qwen3.model import MoE, Config, Router, expert_load, grouped_mm, load_balancing_loss, padded_bmm
-from registry import by_name
+from qwen3.model import Config, MoE, Router, expert_load, grouped_mm, load_balancing_loss, padded_bmm
+from registry import by_name, import_transformers
 
 
 def moe_config(n_embd=24, n_experts=6, top_k=2, hidden=10, **overrides):
-    return Config.from_preset("tiny_moe", n_embd=n_embd, n_experts=n_experts, n_experts_per_tok=top_k,
-                              moe_intermediate_size=hidden, **overrides)
+    return Config.from_preset(
+        "tiny_moe",
+        n_embd=n_embd,
+        n_experts=n_experts,
+        n_experts_per_tok=top_k,
+        moe_intermediate_size=hidden,
+        **overrides,
+    )
 
 
 def random_moe(cfg, seed=0, std=0.3):
@@ -130,7 +136,7 @@ def test_load_balancing_loss_matches_an_explicit_formula_and_hugging_face():
     expected = E * sum(f[i] * P[i] for i in range(E))
     got = load_balancing_loss(layers, picks)
     torch.testing.assert_close(got, expected)
-    hf = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
+    hf = import_transformers("transformers.models.qwen3_moe.modeling_qwen3_moe")
     torch.testing.assert_close(got, hf.load_balancing_loss_func(tuple(layers), E, k))
     # perfectly even routing scores k (f sums to k, P = 1/E), whichever k distinct experts are picked
     even_picks = torch.arange(4 * k).view(4, k) % E
@@ -153,12 +159,15 @@ def test_routing_statistics_compile_without_graph_breaks():
 
 
 def hf_block(cfg, moe, experts_implementation):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_transformers()
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     hf_cfg = transformers.Qwen3MoeConfig(
-        hidden_size=cfg.n_embd, moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.n_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+        hidden_size=cfg.n_embd,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.n_experts_per_tok,
+        norm_topk_prob=cfg.norm_topk_prob,
         experts_implementation=experts_implementation,
     )
     block = Qwen3MoeSparseMoeBlock(hf_cfg).eval()
@@ -223,28 +232,69 @@ def test_parameter_counts_match_the_model_cards(preset):
 
 def test_published_config_json_maps_to_the_presets():
     # abridged config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-30B-A3B (transformers 4.51 spelling)
-    common = dict(vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                  rope_scaling=None, head_dim=128, hidden_act="silu", attention_bias=False, use_sliding_window=False)
-    dense = dict(common, model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True)
-    moe = dict(common, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
-               num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False, num_experts=128,
-               num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1,
-               mlp_only_layers=[], router_aux_loss_coef=0.001)
+    common = dict(
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        rope_scaling=None,
+        head_dim=128,
+        hidden_act="silu",
+        attention_bias=False,
+        use_sliding_window=False,
+    )
+    dense = dict(
+        common,
+        model_type="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+    moe = dict(
+        common,
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        router_aux_loss_coef=0.001,
+    )
     assert config_from_hf(dense) == Config.qwen3_0_6b()
     assert config_from_hf(moe) == Config.qwen3_30b_a3b()
     with pytest.raises(ValueError, match="use_sliding_window"):
         config_from_hf(dict(dense, use_sliding_window=True))
 
 
-@pytest.mark.parametrize("rope", [
-    dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),  # 4.x
-    dict(rope_scaling={"type": "yarn", "factor": 4.0}),  # the oldest spelling
-    dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}),  # transformers >= 5
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),  # 4.x
+        dict(rope_scaling={"type": "yarn", "factor": 4.0}),  # the oldest spelling
+        dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}),  # transformers >= 5
+    ],
+)
 def test_config_json_asking_for_rope_scaling_is_rejected(rope):
-    dense = dict(model_type="qwen3", vocab_size=151936, max_position_embeddings=40960, hidden_size=1024,
-                 intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8)
+    dense = dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    )
     assert config_from_hf(dense).rope_theta == 10000.0  # no rope_* keys at all: transformers' default base
     with pytest.raises(ValueError, match="RoPE scaling of type '(yarn|llama3)'.*only 'default'"):
         config_from_hf(dict(dense, **rope))
@@ -305,11 +355,10 @@ def test_aux_stays_empty_for_dense_models(name):
 
 
 def test_loading_accepts_the_fused_expert_tensors_of_transformers_in_memory():
-    pytest.importorskip("transformers")
-    from test_parity import hf_model, random_ids
-
+    import_transformers()
     from qwen3.hf import hf_to_ours, load_state_dict_strict
     from qwen3.model import Transformer
+    from test_parity import hf_model, random_ids
 
     spec = by_name("qwen3_moe")
     theirs = hf_model(spec)
@@ -323,7 +372,7 @@ def test_loading_accepts_the_fused_expert_tensors_of_transformers_in_memory():
 
 def test_parity_config_routes_to_every_expert_without_near_ties():
     """The parity test's random weights must exercise the routing, not a degenerate corner of it."""
-    pytest.importorskip("transformers")
+    import_transformers()
     from test_parity import hf_model, random_ids
 
     spec = by_name("qwen3_moe")

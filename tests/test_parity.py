@@ -65,7 +65,9 @@ def test_sharded_save_loads_back_in_both(spec, tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) > 2 and shards == sorted(set(index["weight_map"].values()))
-    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors" and not (tmp_path / "model.safetensors").exists()
+    assert (
+        shards[0] == f"model-00001-of-{len(shards):05d}.safetensors" and not (tmp_path / "model.safetensors").exists()
+    )
     reloaded = spec.model.Transformer.from_pretrained(tmp_path)
     expected = ours.state_dict()
     assert reloaded.state_dict().keys() == expected.keys()
@@ -77,4 +79,6 @@ def test_sharded_save_loads_back_in_both(spec, tmp_path):
     # saved again unsharded into the same directory: one file, the shards and index removed
     ours.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
-    assert all(torch.equal(v, expected[k]) for k, v in spec.model.Transformer.from_pretrained(tmp_path).state_dict().items())
+    assert all(
+        torch.equal(v, expected[k]) for k, v in spec.model.Transformer.from_pretrained(tmp_path).state_dict().items()
+    )

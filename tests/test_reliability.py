@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+
 from registry import MODELS
 from train_helpers import ROOT, losses, metrics, run_in_process, run_ranks, train_args
 
@@ -39,8 +40,11 @@ def test_the_named_checkpoint_resumes_after_a_divergence(toy_data, tmp_path):
     args = train_args(SPEC, toy_data, tmp_path, "--max-steps", 10, "--ckpt-every", 1)
     run_in_process(SPEC, *args, "--stop-after", 2)
     message = stop_message(*args, "--resume", "--lr", "1e12", "--grad-clip", "0")
-    named = re.search(r"loss is (?:nan|inf) at step (\d+): stopping without updating; "
-                      r"the last good checkpoint is (\S+) \(step (\d+)\)", message)
+    named = re.search(
+        r"loss is (?:nan|inf) at step (\d+): stopping without updating; "
+        r"the last good checkpoint is (\S+) \(step (\d+)\)",
+        message,
+    )
     assert named, message
     assert named[2] == str(tmp_path / "ckpt.pt")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["meta"]["step"] == int(named[3]) < int(named[1])
@@ -106,8 +110,10 @@ def kill_at(monkeypatch, n):
 # The states a checkpoint directory can be found in, each one a kill can leave behind.
 START_STATES = {
     "clean": lambda ckpt: make_checkpoint_dir(ckpt, 1),
-    "stale .old (killed while removing it)": lambda ckpt: (make_checkpoint_dir(ckpt, 1),
-                                                           make_checkpoint_dir(ckpt.with_name("ckpt_dcp.old"), 0, False)),
+    "stale .old (killed while removing it)": lambda ckpt: (
+        make_checkpoint_dir(ckpt, 1),
+        make_checkpoint_dir(ckpt.with_name("ckpt_dcp.old"), 0, False),
+    ),
     "only .old (killed between the renames)": lambda ckpt: make_checkpoint_dir(ckpt.with_name("ckpt_dcp.old"), 1),
     "no checkpoint yet": lambda ckpt: None,
 }
@@ -174,8 +180,10 @@ def test_resume_and_generate_refuse_another_model_or_run(toy_data, tmp_path, cap
     run_in_process(SPEC, *args, "--stop-after", 1)
     # n_head 4 -> 2 keeps every tensor's shape: without the check it would silently train another model
     message = stop_message(*args, "--resume", "--set", "n_head=2", "--batch-size", 2)
-    assert message == (f"--resume: {tmp_path / 'ckpt.pt'} was trained with other settings: n_head 4 -> 2, "
-                       "batch_size 4 -> 2, total_batch_tokens 64 -> 32; pass the same values, or start a new run in another --out-dir")
+    assert message == (
+        f"--resume: {tmp_path / 'ckpt.pt'} was trained with other settings: n_head 4 -> 2, "
+        "batch_size 4 -> 2, total_batch_tokens 64 -> 32; pass the same values, or start a new run in another --out-dir"
+    )
     message = stop_message(*args, "--generate", "--set", "n_head=2", "--prompt", "!")
     assert message.startswith(f"--generate: {tmp_path / 'ckpt.pt'} holds a model with another Config: n_head 4 -> 2;")
     # the schedule may change on resume (a lower lr after a divergence, a longer run), and says so
@@ -190,8 +198,9 @@ def test_resume_and_generate_refuse_another_model_or_run(toy_data, tmp_path, cap
 def test_an_existing_run_is_resumed_or_refused_never_replaced(toy_data, tmp_path):
     args = train_args(SPEC, toy_data, tmp_path, "--max-steps", 4)
     run_in_process(SPEC, *args, "--stop-after", 2)
-    assert stop_message(*args) == (f"{tmp_path} already holds a run ({tmp_path / 'ckpt.pt'}): "
-                                   "continue it with --resume, or pass another --out-dir")
+    assert stop_message(*args) == (
+        f"{tmp_path} already holds a run ({tmp_path / 'ckpt.pt'}): continue it with --resume, or pass another --out-dir"
+    )
     # rows a killed run wrote after its last checkpoint are dropped on resume, not duplicated
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 99.0}\n{"step": 4, "lo')
@@ -229,8 +238,14 @@ BAD_INPUTS = [
     ("--set vocab_size=50", "toy_train_000000.bin: token id 95 is outside the model's vocabulary of 50"),
     ("--tokenizer no-such-tokenizer", "--tokenizer: unknown tokenizer 'no-such-tokenizer'"),
     ("--sample-tokens 5 --prompt hello", "--prompt 'hello' has token id 31373, outside the model's vocabulary of 97"),
-    ("--init-from {llama} --set n_layer=2", "--init-from takes the architecture from its config.json: drop --preset and --set"),
-    ("--init-from {llama} --preset tiny", "--init-from takes the architecture from its config.json: drop --preset and --set"),
+    (
+        "--init-from {llama} --set n_layer=2",
+        "--init-from takes the architecture from its config.json: drop --preset and --set",
+    ),
+    (
+        "--init-from {llama} --preset tiny",
+        "--init-from takes the architecture from its config.json: drop --preset and --set",
+    ),
     ("--init-from {llama}", "--init-from {llama}: config.json has model_type 'llama'; this train.py trains 'gpt2'"),
     ("--init-from {out}", "--init-from {out}: no config.json there (expected a Hugging Face checkpoint directory)"),
 ]
@@ -250,21 +265,29 @@ def test_bad_input_is_one_line(given, answer, toy_data, tmp_path):
 def run_script(*args, torchrun=False):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *launcher, f"{SPEC.package}/train.py", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *launcher, f"{SPEC.package}/train.py", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_user_error_is_one_line_on_stderr_without_traceback(toy_data, tmp_path):
     done = run_script(*train_args(SPEC, toy_data, tmp_path), "--data-dir", tmp_path / "nowhere")
-    assert done.returncode == 1 and done.stderr == f"{tmp_path / 'nowhere'}: data directory not found " \
-                                                    "(looked for shards *_train_*.bin in it)\n"
+    assert (
+        done.returncode == 1
+        and done.stderr == f"{tmp_path / 'nowhere'}: data directory not found (looked for shards *_train_*.bin in it)\n"
+    )
 
 
 def test_under_torchrun_a_user_error_is_printed_once(toy_data, tmp_path):
     done = run_script(*train_args(SPEC, toy_data, tmp_path), "--parallel", "ddp", "--eval-steps", 0, torchrun=True)
     ours = [line for line in done.stderr.splitlines() if "--eval-steps 0: must be at least 1" in line]
     assert done.returncode != 0 and len(ours) == 1, done.stderr
-    assert f"{SPEC.package}/train.py\", line" not in done.stderr, done.stderr  # torchrun's own traceback only
+    assert f'{SPEC.package}/train.py", line' not in done.stderr, done.stderr  # torchrun's own traceback only
 
 
 # --- 6. the validation loss does not depend on the world size ----------------------------------

@@ -71,8 +71,9 @@ def test_generate_from_checkpoint(toy_data, tmp_path, capsys):
 @models
 def test_train_script_runs_from_the_repo_root(spec):
     """`python <model>/train.py --help` works as a plain script: no sys.path tricks needed."""
-    done = subprocess.run([sys.executable, f"{spec.package}/train.py", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, f"{spec.package}/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "--parallel" in done.stdout and "--resume" in done.stdout
 
@@ -83,10 +84,26 @@ def test_parse_overrides_types_each_value_by_its_config_field():
     from llama31.train import parse_overrides as llama31_overrides
     from qwen3.train import parse_overrides
 
-    got = parse_overrides(["n_layer=8", "norm_eps=1e-6", "rope_theta=5e5", "tie_embeddings=false",
-                           "norm_topk_prob=1", "attn_impl=math", "mlp_only_layers=1,3"])
-    assert got == dict(n_layer=8, norm_eps=1e-6, rope_theta=500000.0, tie_embeddings=False, norm_topk_prob=True,
-                       attn_impl="math", mlp_only_layers=(1, 3))
+    got = parse_overrides(
+        [
+            "n_layer=8",
+            "norm_eps=1e-6",
+            "rope_theta=5e5",
+            "tie_embeddings=false",
+            "norm_topk_prob=1",
+            "attn_impl=math",
+            "mlp_only_layers=1,3",
+        ]
+    )
+    assert got == dict(
+        n_layer=8,
+        norm_eps=1e-6,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+        norm_topk_prob=True,
+        attn_impl="math",
+        mlp_only_layers=(1, 3),
+    )
     assert type(got["n_layer"]) is int and type(got["rope_theta"]) is float
     assert parse_overrides(["mlp_only_layers=", "n_layer=2", "n_layer=3"]) == dict(mlp_only_layers=(), n_layer=3)
     assert llama31_overrides(["rope_factor=none"]) == dict(rope_factor=None)
@@ -94,8 +111,12 @@ def test_parse_overrides_types_each_value_by_its_config_field():
     for bad in ("n_layers=2", "n_layer", "=2"):
         with pytest.raises(ValueError, match=f"--set '{bad}': expected FIELD=VALUE with FIELD one of vocab_size, "):
             parse_overrides([bad])
-    for bad, value, type_name in (("n_layer=two", "two", "int"), ("norm_eps=small", "small", "float"),
-                                  ("tie_embeddings=maybe", "maybe", "bool"), ("mlp_only_layers=1,x", "1,x", "tuple")):
+    for bad, value, type_name in (
+        ("n_layer=two", "two", "int"),
+        ("norm_eps=small", "small", "float"),
+        ("tie_embeddings=maybe", "maybe", "bool"),
+        ("mlp_only_layers=1,x", "1,x", "tuple"),
+    ):
         with pytest.raises(ValueError, match=f"--set '{bad}': '{value}' is not a valid {type_name}"):
             parse_overrides([bad])
 
@@ -131,8 +152,9 @@ def test_activation_checkpointing_changes_memory_not_results(spec, toy_data, tmp
     plain = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "plain", "--max-steps", steps))
     assert len(calls) == steps * n_layer
     calls.clear()
-    recomputed = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "ckpt", "--max-steps", steps),
-                                "--activation-checkpointing")
+    recomputed = run_in_process(
+        spec, *train_args(spec, toy_data, tmp_path / "ckpt", "--max-steps", steps), "--activation-checkpointing"
+    )
     assert len(calls) == 2 * steps * n_layer
     assert losses(recomputed) == pytest.approx(losses(plain), abs=1e-6)
     state = torch.load(tmp_path / "ckpt" / "ckpt.pt", weights_only=True)["model"]
@@ -157,8 +179,22 @@ def test_init_from_a_hugging_face_directory(toy_data, tmp_path):
 def test_learning_rate_schedules(schedule):
     from gpt2.train import lr_at, parse_args
 
-    args = parse_args(["--lr", "1.0", "--min-lr-ratio", "0.1", "--warmup-steps", "10", "--max-steps", "100",
-                       "--schedule", schedule, "--decay-frac", "0.2"])
+    args = parse_args(
+        [
+            "--lr",
+            "1.0",
+            "--min-lr-ratio",
+            "0.1",
+            "--warmup-steps",
+            "10",
+            "--max-steps",
+            "100",
+            "--schedule",
+            schedule,
+            "--decay-frac",
+            "0.2",
+        ]
+    )
     lrs = [lr_at(step, args) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # never rises after warmup

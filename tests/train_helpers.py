@@ -14,9 +14,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_args(spec, data_dir, out_dir, *extra):
     """Arguments for a few quick steps of spec's small model on data_dir."""
     overrides = [f"--set={k}={v}" for k, v in spec.small.items()]
-    return [*overrides, "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--batch-size", "4",
-            "--seq-len", "16", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0", "--eval-steps", "2",
-            "--log-every", "1", "--sample-tokens", "0", "--device", "cpu", *map(str, extra)]
+    return [
+        *overrides,
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(out_dir),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
 
 
 def run_in_process(spec, *args):
@@ -26,8 +49,15 @@ def run_in_process(spec, *args):
 
 def run_torchrun(spec, *args, nproc=2):
     """Launch spec's train.py as a user would, under torchrun; returns its metrics.jsonl rows."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / spec.package / "train.py"), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / spec.package / "train.py"),
+        *map(str, args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -48,8 +78,9 @@ def run_ranks(spec, *args, nproc=2):
     test_distributed.py also launches the real torchrun once."""
     ctx = multiprocessing.get_context("fork")
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(spec, rank, nproc, port, [str(a) for a in args]))
-             for rank in range(nproc)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(spec, rank, nproc, port, [str(a) for a in args])) for rank in range(nproc)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -58,8 +89,9 @@ def run_ranks(spec, *args, nproc=2):
 
 
 def _rank_main(spec, rank, world_size, port, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import torch
 
     torch.set_num_threads(1)  # two ranks share the machine's cores
