@@ -302,3 +302,28 @@ def test_validation_loss_is_the_same_on_any_world_size(parallel, toy_data, tmp_p
     run_ranks(SPEC, *train_args(SPEC, toy_data, tmp_path / "two", *steps), "--parallel", parallel)
     val = [[r["val_loss"] for r in rows if "val_loss" in r] for rows in (single, metrics(tmp_path / "two"))]
     assert len(val[0]) == 1 and val[1] == pytest.approx(val[0], abs=1e-6)
+
+
+# --- a randomised kill loop (slow) -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(toy_data, tmp_path):
+    """SIGKILL the script at random moments (mid-step, mid-checkpoint-write, mid-start-up), resume
+    each time from whatever it left, and end with exactly the losses of a run never killed."""
+    import random
+    import time
+
+    args = train_args(SPEC, toy_data, tmp_path / "killed", "--max-steps", 40, "--ckpt-every", 1)
+    whole = losses(run_in_process(SPEC, *train_args(SPEC, toy_data, tmp_path / "whole", "--max-steps", 40)))
+    rng = random.Random(0)
+    for _ in range(6):
+        resume = ["--resume"] if train.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else []
+        cmd = [sys.executable, f"{SPEC.package}/train.py", *args, *resume]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(2.0, 10.0))
+        proc.kill()
+        proc.wait()
+    done = run_script(*args, "--resume" if train.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else "--seed=1337")
+    assert done.returncode == 0, done.stderr
+    assert losses(metrics(tmp_path / "killed")) == whole
