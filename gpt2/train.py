@@ -663,18 +663,18 @@ def train(args):
         data_dir = default_corpus()
         if is_main and dist.is_initialized():
             dist.barrier()
-    # vocab_size: a shard holding an id the model cannot embed fails when opened, naming the shard
+    # vocab_size: a shard holding an id the model cannot embed fails when opened, naming the shard;
+    # validation reads the whole stream on every rank (see evaluate)
     train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size, cfg.vocab_size)
-    val_loader = DataLoader(
-        data_dir, "val", args.batch_size, args.seq_len, vocab_size=cfg.vocab_size
-    )  # whole stream: see evaluate
+    val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len, vocab_size=cfg.vocab_size)
     if meta:
         train_loader.load_state_dict(meta["loader"])
     flops_per_step = model.flops_per_token(args.seq_len) * total_batch
     peak = peak_flops(args, device, compute_dtype)
     log(
-        f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | {device} {compute_dtype} | "
-        f"{total_batch:,} tokens per step = {accum} micro-batch(es) of {args.batch_size}x{args.seq_len} per process"
+        f"{model.num_params():,} parameters{extras.describe()} | {world_size} process(es), {args.parallel} | "
+        f"{device} {compute_dtype} | {total_batch:,} tokens per step = {accum} micro-batch(es) of "
+        f"{args.batch_size}x{args.seq_len} per process"
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
