@@ -16,6 +16,14 @@ from registry import MODELS, by_name, import_transformers
 models = pytest.mark.parametrize("model", [m.name for m in MODELS])
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """The benchmarks pin torch to one thread (--threads 1); later tests must not inherit that."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @models
 def test_train_throughput_quick(model, capsys):
     import_transformers()

@@ -315,12 +315,16 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(toy_da
     import time
 
     args = train_args(SPEC, toy_data, tmp_path / "killed", "--max-steps", 40, "--ckpt-every", 1)
-    whole = losses(run_in_process(SPEC, *train_args(SPEC, toy_data, tmp_path / "whole", "--max-steps", 40)))
+    # every run is a subprocess with one thread: the same kernels and summation order as the killed ones
+    whole_args = train_args(SPEC, toy_data, tmp_path / "whole", "--max-steps", 40)
+    assert run_script(*whole_args).returncode == 0
+    whole = losses(metrics(tmp_path / "whole"))
     rng = random.Random(0)
     for _ in range(6):
         resume = ["--resume"] if train.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else []
         cmd = [sys.executable, f"{SPEC.package}/train.py", *args, *resume]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(2.0, 10.0))
         proc.kill()
         proc.wait()
