@@ -3,6 +3,8 @@ fields of transformers' `LlamaConfig`) and the weights of `LlamaForCausalLM` in 
 or in numbered shards listed by model.safetensors.index.json. Reads both spellings of the RoPE
 settings, transformers >= 5's `rope_parameters` and the 4.x `rope_theta` + `rope_scaling` of the
 hub's meta-llama/* configs; writes the >= 5 spelling, which transformers 4.x also loads.
+`load` also reads Meta's own format (params.json + consolidated.NN.pth, no config.json), checked
+against Meta's reference model in llama-models (tests/test_meta_llama.py).
 
 Nothing here is architecture: model.py never meets a Hugging Face name. Sections, in the same
 order in every model's hf.py: config.json <-> Config; weight names <-> ours; safetensors
@@ -13,9 +15,10 @@ directories; strict loading; `load` and `save`, behind `Transformer.from_pretrai
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
-from .model import Config, Transformer
+from .model import Config, Transformer, ffn_hidden_size
 
 # -----------------------------------------------------------------------------
 # config.json <-> Config
@@ -216,11 +219,179 @@ def load_state_dict_strict(model, state):
 
 
 # -----------------------------------------------------------------------------
+# Meta's original format: params.json + consolidated.NN.pth (+ tokenizer.model), as Meta publishes
+# Llama 3 (the "original/" folder of the hub repos) and as llama-models' reference model loads it
+
+META_PARAMS, META_SHARDS = "params.json", "consolidated.*.pth"
+# ours -> Meta's names (each with a ".weight")
+META_LAYER_NAMES = {
+    "attn_norm": "attention_norm",
+    "attn.wq": "attention.wq",
+    "attn.wk": "attention.wk",
+    "attn.wv": "attention.wv",
+    "attn.wo": "attention.wo",
+    "mlp_norm": "ffn_norm",
+    "mlp.w1": "feed_forward.w1",
+    "mlp.w2": "feed_forward.w2",
+    "mlp.w3": "feed_forward.w3",
+}
+META_TOP_NAMES = {"tok_emb": "tok_embeddings", "norm": "norm", "lm_head": "output"}
+# Model-parallel shards (consolidated.00.pth, .01, ...: one per rank of fairscale's layers) cut a
+# column-parallel matrix (and Llama 3's VocabParallelEmbedding) along its rows, a row-parallel one
+# (wo, w2) along its columns; the norms are whole in every shard
+META_SPLIT_DIM = {"tok_embeddings": 0, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+# Meta's reference (llama-models, apply_scaling) fixes Llama 3.1's RoPE scaling but the factor
+META_ROPE = dict(rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_block_size=8192)
+
+
+def is_meta_dir(path) -> bool:
+    path = Path(path)
+    return not (path / "config.json").exists() and (path / META_PARAMS).exists()
+
+
+def config_from_meta(params: dict, **overrides) -> Config:
+    """params.json -> Config. Meta's file lists the FFN width rule, not the width, and no context
+    length (its reference takes max_seq_len as an argument): 128K with scaled RoPE, else 8K."""
+    if params.get("vision_chunk_size", -1) > 0 or "vision_model" in params or "moe_args" in params:
+        raise ValueError(f"{META_PARAMS} describes a vision or MoE model; only the text-only Llama 3 is supported")
+    scaling = dict(rope_factor=None)
+    if params.get("use_scaled_rope", False):
+        # Meta's Llama 3 reference scales by 8, also for Llama 3.2, whose Hugging Face config.json says
+        # 32: pass rope_factor=32.0 to match that; a params.json that names its factor is followed
+        scaling = dict(rope_factor=float(params.get("rope_scaling_factor") or 8.0), **META_ROPE)
+    dim = params["dim"]
+    return Config(
+        **{
+            "vocab_size": params["vocab_size"],
+            "block_size": 131072 if scaling["rope_factor"] else 8192,
+            "n_layer": params["n_layers"],
+            "n_head": params["n_heads"],
+            "n_kv_heads": params.get("n_kv_heads") or params["n_heads"],
+            "n_embd": dim,
+            "intermediate_size": ffn_hidden_size(dim, params["multiple_of"], params.get("ffn_dim_multiplier")),
+            "norm_eps": params.get("norm_eps", 1e-5),
+            "rope_theta": params.get("rope_theta", 500000.0),
+            **scaling,
+            **overrides,
+        }
+    )
+
+
+def config_to_meta(cfg: Config) -> dict:
+    """Config -> params.json. Meta's file has no intermediate_size: the caller checks the rule gives ours."""
+    if cfg.rope_factor is not None and any(getattr(cfg, k) != v for k, v in META_ROPE.items()):
+        raise ValueError(f"Meta's format fixes RoPE scaling's {META_ROPE}; this Config differs")
+    params = dict(dim=cfg.n_embd, n_layers=cfg.n_layer, n_heads=cfg.n_head, n_kv_heads=cfg.n_kv_heads)
+    params.update(vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
+    params.update(use_scaled_rope=cfg.rope_factor is not None)
+    if cfg.rope_factor not in (None, 8.0):
+        params["rope_scaling_factor"] = cfg.rope_factor
+    # the FFN width rule with multiple_of = intermediate_size returns it when 2/3 of 4 n_embd is below
+    # it, else a multiplier does; ffn_hidden_size confirms the pair below
+    params.update(multiple_of=cfg.intermediate_size, ffn_dim_multiplier=cfg.intermediate_size / int(8 * cfg.n_embd / 3))
+    if ffn_hidden_size(cfg.n_embd, params["multiple_of"], params["ffn_dim_multiplier"]) != cfg.intermediate_size:
+        raise ValueError(f"no multiple_of/ffn_dim_multiplier gives intermediate_size {cfg.intermediate_size}")
+    return params
+
+
+def interleave_pairs(w, n_heads):
+    """Rows of wq/wk from our rotate-half layout (dim i of a head pairs with i + head_dim/2) to
+    Meta's, where RoPE rotates neighbours 2i, 2i+1 (RoFormer eq. 34 as written): per head, the rows
+    (0, h/2, 1, h/2+1, ...). The inverse of the permutation transformers' converter applies."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def split_pairs(w, n_heads):
+    """Meta's wq/wk rows -> ours: per head the even rows, then the odd ones. q.k is unchanged when
+    q and k are permuted alike, and rotating the pair (2i, 2i+1) becomes rotating (i, i + h/2)."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def meta_to_ours(meta_state, cfg):
+    meta = {k: v for k, v in meta_state.items() if k != "rope.freqs"}  # Llama 2's saved RoPE table
+    out = {}
+    for ours, theirs in META_TOP_NAMES.items():
+        if f"{theirs}.weight" in meta:
+            out[f"{ours}.weight"] = meta.pop(f"{theirs}.weight")
+    for i in range(cfg.n_layer):
+        for ours, theirs in META_LAYER_NAMES.items():
+            if f"layers.{i}.{theirs}.weight" in meta:
+                out[f"layers.{i}.{ours}.weight"] = meta.pop(f"layers.{i}.{theirs}.weight")
+        for ours, n_heads in (("attn.wq", cfg.n_head), ("attn.wk", cfg.n_kv_heads)):
+            if (key := f"layers.{i}.{ours}.weight") in out:
+                out[key] = split_pairs(out[key], n_heads)
+    if cfg.tie_embeddings and "tok_emb.weight" in out:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    out.update(meta)  # leftovers keep Meta's names and surface as unexpected keys
+    return out
+
+
+def ours_to_meta(state, cfg):
+    meta = {}
+    for ours, theirs in META_TOP_NAMES.items():
+        if ours != "lm_head" or not cfg.tie_embeddings:  # tied: Llama 3.2's files have no output.weight
+            meta[f"{theirs}.weight"] = state[f"{ours}.weight"]
+    for i in range(cfg.n_layer):
+        for ours, theirs in META_LAYER_NAMES.items():
+            w = state[f"layers.{i}.{ours}.weight"]
+            if ours in ("attn.wq", "attn.wk"):
+                w = interleave_pairs(w, cfg.n_head if ours == "attn.wq" else cfg.n_kv_heads)
+            meta[f"layers.{i}.{theirs}.weight"] = w
+    return {k: v.detach().contiguous() for k, v in meta.items()}
+
+
+def read_meta_shards(path, n_kv_heads):
+    """consolidated.00.pth, ... -> one state dict: each model-parallel slice concatenated back."""
+    files = sorted(Path(path).glob(META_SHARDS))
+    if not files:
+        raise FileNotFoundError(f"no {META_SHARDS} files in {path}")
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    if len(shards) == 1:
+        return shards[0]
+    if len(shards) > n_kv_heads:  # each shard's wk/wv would hold a copy of a head, in a layout we cannot check
+        raise ValueError(
+            f"{path}: {len(shards)} model-parallel shards but {n_kv_heads} key/value heads; reshard to at most"
+            f" {n_kv_heads} (llama_models.checkpoint.reshard_mp) or use the Hugging Face conversion"
+        )
+    state = {}
+    for key, first in shards[0].items():
+        parts = [s[key] for s in shards]
+        dim = META_SPLIT_DIM.get(key.split(".")[-2]) if key.endswith(".weight") and first.dim() == 2 else None
+        if dim is None:  # norms: a whole copy in every shard
+            state[key] = first
+            continue
+        state[key] = torch.cat(parts, dim=dim)
+    return state
+
+
+def load_meta(path, **overrides) -> Transformer:
+    """Meta's directory -> our model. Without output.weight (Llama 3.2 1B/3B) lm_head is tied."""
+    params = json.loads((Path(path) / META_PARAMS).read_text())
+    state = read_meta_shards(path, params.get("n_kv_heads") or params["n_heads"])
+    cfg = config_from_meta(params, **{"tie_embeddings": "output.weight" not in state, **overrides})
+    model = Transformer(cfg)
+    load_state_dict_strict(model, meta_to_ours(state, cfg))
+    return model
+
+
+def save_meta(model, path):
+    """Our model -> Meta's directory (params.json + consolidated.00.pth), as llama-models loads it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META_PARAMS).write_text(json.dumps(config_to_meta(model.cfg), indent=2))
+    torch.save(ours_to_meta(model.state_dict(), model.cfg), path / "consolidated.00.pth")
+
+
+# -----------------------------------------------------------------------------
 # Entry points: Transformer.from_pretrained and Transformer.save_pretrained call these
 
 
 def load(path, **overrides) -> Transformer:
     """A Hugging Face directory -> our model; overrides replace Config fields (e.g. attn_impl)."""
+    if is_meta_dir(path):  # diff vs gpt2: Meta also publishes Llama 3 in its own format
+        return load_meta(path, **overrides)
     cfg = read_config(path, **overrides)
     model = Transformer(cfg)
     load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))
