@@ -190,17 +190,21 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        # allocated by the first update, in the dtype and on the device of the keys it is given: what
+        # attention computes in (bf16 under autocast or FSDP's mixed precision), not the stored weights' fp32
+        self.register_buffer("k", None, persistent=False)
+        self.register_buffer("v", None, persistent=False)
 
     def update(self, pos, k, v):
         # k, v: (B, n_kv_heads, T, head_dim) for positions pos .. pos+T-1
         T = k.size(2)
-        if pos + T > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot write {T} at pos={pos}")
+        if pos + T > self.shape[2]:
+            raise ValueError(f"KV cache holds {self.shape[2]} positions; cannot write {T} at pos={pos}")
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         self.k[:, :, pos : pos + T] = k
         self.v[:, :, pos : pos + T] = v
         return self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # (B, n_kv_heads, pos+T, head_dim)
@@ -359,12 +363,9 @@ class Transformer(nn.Module):
         return logits, loss
 
     def make_cache(self, batch_size, max_seq_len=None):
-        cfg, p = self.cfg, self.lm_head.weight
+        cfg = self.cfg
         max_seq_len = max_seq_len or cfg.block_size
-        return [
-            KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, p.dtype, p.device)
-            for _ in range(cfg.n_layer)
-        ]
+        return [KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim) for _ in range(cfg.n_layer)]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Sample max_new_tokens after the prompt idx (B, T); temperature 0 means greedy."""
