@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama31 import hf
 from llama31.model import Config, Transformer
-from shared.data import DataError, DataLoader, default_corpus
+from shared.data import DataError, DataLoader, check_tokenizer, default_corpus
 from shared.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -663,6 +663,8 @@ def train(args):
         data_dir = default_corpus()
         if is_main and dist.is_initialized():
             dist.barrier()
+    # prepare.json's tokenizer: not one with more ids than the model, nor (--init-from) another than the checkpoint's
+    log(check_tokenizer(data_dir, cfg.vocab_size, args.init_from))
     # vocab_size: a shard holding an id the model cannot embed fails when opened, naming the shard;
     # validation reads the whole stream on every rank (see evaluate)
     train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size, cfg.vocab_size)

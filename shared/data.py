@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.tokenizer import ENDOFTEXT, Tokenizer, gpt2_tokenizer, load_tokenizer
+from shared.tokenizer import ENDOFTEXT, TIKTOKEN_FILES, Tokenizer, gpt2_tokenizer, load_tokenizer
 
 MAGIC = 20240520
 HEADER_INTS = 256
@@ -393,7 +393,7 @@ def write_split(
         raise DataError(f"{source}: expected {n_tokens} tokens, got {start + size}")
     about = {
         "source": str(source), "name": name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-        "train_tokens": n_train, "train_shards": n_shards, "val_tokens": n_val,
+        "train_tokens": n_train, "train_shards": n_shards, "val_tokens": n_val, "tokenizer": tokenizer.identity,
     }  # fmt: skip
     (out_dir / MARKER).write_text(json.dumps(about, indent=1) + "\n")
     log(f"{name}: {n_train:,} train tokens in {n_shards} shards, {n_val:,} val tokens")
@@ -623,6 +623,34 @@ def check_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
         )
 
 
+def check_tokenizer(data_dir: str | Path, vocab_size: int, checkpoint: str | Path | None = None) -> str:
+    """The tokenizer that made data_dir's shards (its MARKER) against the model's: a DataError when
+    the model's vocabulary is smaller than the tokenizer's, or when the checkpoint directory ships a
+    tokenizer (tokenizer.json, tokenizer.model, ...) that tokenizes differently; else a line to log."""
+    marker = Path(data_dir) / MARKER
+    if not marker.is_file():  # e.g. downloaded fineweb; each shard's ids are still checked when opened
+        return f"{data_dir}: no {MARKER}, so the tokenizer of its shards is unknown (ids are checked per shard)"
+    about = json.loads(marker.read_text())
+    made_by = about.get("tokenizer") or {"name": "an unrecorded tokenizer (an older prepare)"}
+    if about["vocab_size"] > vocab_size:
+        raise DataError(
+            f"{data_dir}: tokenized by {made_by['name']} with {about['vocab_size']} ids, more than the model's "
+            f"vocabulary of {vocab_size}: prepare the data with the model's tokenizer"
+        )
+    ships = checkpoint is not None and any(
+        (Path(checkpoint) / f).is_file() for f in ("tokenizer.json", *TIKTOKEN_FILES)
+    )
+    if ships and made_by.get("fingerprint") != (theirs := load_tokenizer(str(checkpoint))).fingerprint:
+        raise DataError(
+            f"{data_dir}: tokenized by {made_by['name']}, not by the tokenizer {checkpoint} ships ({theirs.name}): "
+            f"prepare it with --tokenizer {checkpoint}"
+        )
+    line = f"{data_dir}: tokenized by {made_by['name']}"
+    if vocab_size > about["vocab_size"]:  # e.g. GPT-2's 50,257 padded to 50,304 for fast matmuls
+        line += f", {about['vocab_size']:,} ids; the model's {vocab_size:,} leave {vocab_size - about['vocab_size']:,} unused"
+    return line
+
+
 class DataLoader:
     """(x, y) batches of shape (batch_size, seq_len) from the shards of one split.
 
@@ -744,7 +772,10 @@ dataset is cached in --cache-dir, else $HF_DATASETS_CACHE (default ~/.cache/hugg
     p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="tokenizing processes (all cores)")
     p.add_argument("--cache-dir", type=Path, help="where datasets keeps its Arrow copy of the input")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for val, in (0, 1) (0.1)")
-    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a tokenizer.json (or its directory)")
+    tok_help = (
+        "'gpt2', a tokenizer.json or tokenizer.model (or their directory), or FORMAT:PATH (llama3, kimi_k2, qwen)"
+    )
+    p.add_argument("--tokenizer", default="gpt2", help=tok_help)
     p.add_argument("--name", help="shard name prefix (default: the input's file or dataset name)")
     shard_help = "at most this many tokens per train shard (1e8)"
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help=shard_help)
