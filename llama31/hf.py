@@ -29,8 +29,10 @@ def config_from_hf(hf: dict, **overrides) -> Config:
     # Meta's published ones, write rope_theta beside a rope_scaling dict
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"config.json rope_type {rope_type!r} is not supported; Llama 3 uses 'llama3' or 'default'")
+    if rope_type not in ("default", "llama3", "yarn"):
+        raise ValueError(
+            f"config.json rope_type {rope_type!r} is not supported; Llama 3 uses 'llama3', 'yarn' or 'default'"
+        )
     scaling = dict(rope_factor=None)
     if rope_type == "llama3":
         scaling = dict(
@@ -39,6 +41,8 @@ def config_from_hf(hf: dict, **overrides) -> Config:
             rope_high_freq_factor=rope["high_freq_factor"],
             rope_original_block_size=rope.get("original_max_position_embeddings", hf["max_position_embeddings"]),
         )
+    if rope_type == "yarn":
+        scaling = yarn_from_hf(rope, hf)
     return Config(
         vocab_size=hf["vocab_size"],
         block_size=hf["max_position_embeddings"],
@@ -57,7 +61,7 @@ def config_from_hf(hf: dict, **overrides) -> Config:
 
 def config_to_hf(cfg: Config) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_factor is not None:
+    if cfg.rope_factor is not None and cfg.rope_type == "llama3":
         rope.update(
             rope_type="llama3",
             factor=cfg.rope_factor,
@@ -65,6 +69,8 @@ def config_to_hf(cfg: Config) -> dict:
             high_freq_factor=cfg.rope_high_freq_factor,
             original_max_position_embeddings=cfg.rope_original_block_size,
         )
+    if cfg.rope_factor is not None and cfg.rope_type == "yarn":
+        rope.update(yarn_to_hf(cfg))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -84,6 +90,43 @@ def config_to_hf(cfg: Config) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+def yarn_from_hf(rope: dict, hf: dict) -> dict:
+    """Config fields of a YaRN rope_parameters / rope_scaling dict, with transformers' defaults."""
+    if rope.get("attention_factor") is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+        raise ValueError(
+            "config.json sets YaRN's mscale and mscale_all_dim (DeepSeek's attention factor), which this "
+            "model does not implement; give attention_factor instead"
+        )
+    # a top-level original_max_position_embeddings (Phi-3's spelling) wins, as in transformers
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    original = original or hf["max_position_embeddings"]
+    factor = rope.get("factor")
+    return dict(
+        rope_type="yarn",
+        rope_factor=float(hf["max_position_embeddings"] / original if factor is None else factor),
+        rope_original_block_size=original,
+        rope_beta_fast=float(rope.get("beta_fast") or 32.0),  # transformers: `or`, so 0 means the default too
+        rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+        rope_attention_factor=rope.get("attention_factor"),
+        rope_truncate=rope.get("truncate", True),
+    )
+
+
+def yarn_to_hf(cfg: Config) -> dict:
+    yarn = dict(
+        rope_type="yarn",
+        factor=cfg.rope_factor,
+        original_max_position_embeddings=cfg.rope_original_block_size,
+        beta_fast=cfg.rope_beta_fast,
+        beta_slow=cfg.rope_beta_slow,
+    )
+    if cfg.rope_attention_factor is not None:
+        yarn["attention_factor"] = cfg.rope_attention_factor
+    if not cfg.rope_truncate:  # written only when off: transformers 4.x warns about a key it does not know
+        yarn["truncate"] = False
+    return yarn
 
 
 def read_config(path, **overrides) -> Config:

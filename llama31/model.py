@@ -9,8 +9,8 @@ weight names, safetensors) lives in hf.py beside this file, which holds the arch
 
 Changes from gpt2/model.py:
 - RMSNorm (Zhang & Sennrich, 2019) instead of LayerNorm, and no biases anywhere;
-- rotary position embeddings (Su et al., 2021) with Llama 3.1's frequency scaling instead of
-  learned positions (`precompute_rope`, `apply_rope`);
+- rotary position embeddings (Su et al., 2021) with Llama 3.1's frequency scaling, or YaRN's
+  (Peng et al., 2023; `rope_type`), instead of learned positions (`precompute_rope`, `apply_rope`);
 - grouped-query attention (Ainslie et al., 2023): n_kv_heads < n_head, so the KV cache shrinks;
 - SwiGLU MLP (Shazeer, 2020) with three matrices, sized by `ffn_hidden_size`;
 - untied embeddings for 3.1 8B/70B/405B (hf.py: Hugging Face names with separate q/k/v projections).
@@ -48,10 +48,15 @@ class Config:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # lm_head shares the token-embedding matrix (Llama 3.2 1B/3B)
     rope_theta: float = 500000.0  # RoPE base, raised from LLaMA's 10,000 (herd paper sec. 3.2)
-    rope_factor: float | None = 8.0  # Llama 3.1 RoPE scaling: low frequencies slowed by this; None = off
-    rope_low_freq_factor: float = 1.0  # wavelengths > rope_original_block_size / this: fully scaled
-    rope_high_freq_factor: float = 4.0  # wavelengths < rope_original_block_size / this: unchanged
+    rope_factor: float | None = 8.0  # RoPE scaling: context extension factor s; None = plain RoPE
+    rope_type: str = "llama3"  # the scaling rope_factor selects: "llama3" (Llama 3.1's) or "yarn" (YaRN)
     rope_original_block_size: int = 8192  # the pre-training context, before long-context training
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > rope_original_block_size / this: fully scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < rope_original_block_size / this: unchanged
+    rope_beta_fast: float = 32.0  # yarn: frequencies turning more often than this in the original context: kept
+    rope_beta_slow: float = 1.0  # yarn: turning less often than this: divided by rope_factor; a ramp between
+    rope_attention_factor: float | None = None  # yarn: multiplies cos and sin; None = 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole frequency indices (transformers' default)
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, the reference)
     init_std: float = 0.02  # std of the normal initialisation
 
@@ -84,11 +89,20 @@ class Config:
             raise ValueError(f"Config.rope_theta must be > 0, got {self.rope_theta!r}")
         if self.rope_factor is not None and not self.rope_factor > 0:
             raise ValueError(f"Config.rope_factor must be > 0 or None (no scaling), got {self.rope_factor!r}")
+        if self.rope_type not in ("llama3", "yarn"):
+            raise ValueError(f"Config.rope_type must be 'llama3' or 'yarn', got {self.rope_type!r}")
         if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
             raise ValueError(
                 f"Config.rope_low_freq_factor ({self.rope_low_freq_factor}) must be > 0 and below "
                 f"Config.rope_high_freq_factor ({self.rope_high_freq_factor})"
             )
+        if not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+            raise ValueError(
+                f"Config.rope_beta_slow ({self.rope_beta_slow}) must be > 0 and at most "
+                f"Config.rope_beta_fast ({self.rope_beta_fast})"
+            )
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise ValueError(f"Config.rope_attention_factor must be > 0 or None, got {self.rope_attention_factor!r}")
 
     @property
     def head_dim(self) -> int:
@@ -159,10 +173,12 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(cfg: Config):
-    """cos and sin of the rotation angle m * theta_i for every position m < block_size."""
+    """cos and sin of the rotation angle m * theta_i for every position m < block_size, both times
+    YaRN's attention factor (1 for other RoPE)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (head_dim/2,) eq. 15
-    if cfg.rope_factor is not None:
+    attention_factor = 1.0
+    if cfg.rope_factor is not None and cfg.rope_type == "llama3":
         # Llama 3.1 (Meta's llama-models, apply_scaling): frequencies whose wavelength exceeds the
         # original context / low_freq_factor are divided by rope_factor (position interpolation,
         # Chen et al., 2023), those shorter than context / high_freq_factor are kept, and between the
@@ -171,9 +187,41 @@ def precompute_rope(cfg: Config):
         lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
         smooth = ((turns - lo) / (hi - lo)).clamp(0, 1)  # 0: fully scaled ... 1: unchanged
         inv_freq = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    if cfg.rope_factor is not None and cfg.rope_type == "yarn":
+        inv_freq, attention_factor = yarn_scaling(inv_freq, cfg)
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim): dim i pairs with i + head_dim/2
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def yarn_scaling(inv_freq, cfg: Config):
+    """YaRN (Peng et al., 2023): inv_freq (head_dim/2,) -> (scaled inv_freq, attention factor).
+
+    NTK-by-parts (sec. 3.2): frequency i turns r_i = L / wavelength_i times over the original context
+    L. Those with r_i > beta_fast are kept (extrapolated), those with r_i < beta_slow are divided by
+    the factor s (interpolated, as position interpolation does), and between the two the result
+    blends linearly in the index i, as the reference implementation does. Attention temperature
+    (sec. 3.4): logits are scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, applied as a factor on both
+    cos and sin, hence on q and k."""
+    d, L, s = cfg.head_dim, cfg.rope_original_block_size, cfg.rope_factor
+
+    def index_turning(r):  # the (fractional) i with r_i = r: L / (2 pi theta^(2i/d)) = r
+        return d * math.log(L / (2 * math.pi * r)) / (2 * math.log(cfg.rope_theta))
+
+    lo, hi = index_turning(cfg.rope_beta_fast), index_turning(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    # clamped as the reference does, hi to d - 1 rather than d/2 - 1 (were lo itself past d - 1, the ramp
+    # would invert; no real config comes near: the slowest frequency would turn > beta_fast times in L)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001  # as the reference: keeps the ramp a step, not a division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # 0: kept ... 1: divided by s
+    inv_freq = inv_freq * (1 - ramp) + (inv_freq / s) * ramp
+    attention_factor = cfg.rope_attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+    return inv_freq, attention_factor
 
 
 def apply_rope(x, cos, sin):

@@ -34,11 +34,14 @@ def config_from_hf(hf: dict, **overrides) -> Config:
     # Qwen's published ones, write rope_theta beside a rope_scaling dict (null in Qwen 3)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":  # diff vs llama31: Qwen 3 as released scales no RoPE frequencies
+    if rope_type not in ("default", "yarn"):  # diff vs llama31: no Llama 3.1 scaling in Qwen 3
         raise ValueError(
             f"config.json asks for RoPE scaling of type {rope_type!r} (rope_parameters / rope_scaling); "
-            "Qwen 3 here supports only 'default', unscaled RoPE: YaRN is not implemented"
+            "Qwen 3 here supports only 'default' (unscaled RoPE) and 'yarn'"
         )
+    scaling = dict(rope_factor=None)
+    if rope_type == "yarn":
+        scaling = yarn_from_hf(rope, hf)
     moe = {}  # diff vs llama31: the MoE fields
     if hf.get("model_type") == "qwen3_moe":
         # transformers >= 5 saves num_experts under its alias num_local_experts
@@ -63,12 +66,16 @@ def config_from_hf(hf: dict, **overrides) -> Config:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        **scaling,
         **moe,
         **overrides,
     )
 
 
 def config_to_hf(cfg: Config) -> dict:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_factor is not None and cfg.rope_type == "yarn":
+        rope.update(yarn_to_hf(cfg))
     hf = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -84,7 +91,7 @@ def config_to_hf(cfg: Config) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # the transformers >= 5 spelling
+        "rope_parameters": rope,  # the transformers >= 5 spelling
         "attention_bias": False,
         "use_sliding_window": False,
     }
@@ -103,6 +110,43 @@ def config_to_hf(cfg: Config) -> dict:
             }
         )
     return hf
+
+
+def yarn_from_hf(rope: dict, hf: dict) -> dict:
+    """Config fields of a YaRN rope_parameters / rope_scaling dict, with transformers' defaults."""
+    if rope.get("attention_factor") is None and rope.get("mscale") and rope.get("mscale_all_dim"):
+        raise ValueError(
+            "config.json sets YaRN's mscale and mscale_all_dim (DeepSeek's attention factor), which this "
+            "model does not implement; give attention_factor instead"
+        )
+    # a top-level original_max_position_embeddings (Phi-3's spelling) wins, as in transformers
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    original = original or hf["max_position_embeddings"]
+    factor = rope.get("factor")
+    return dict(
+        rope_type="yarn",
+        rope_factor=float(hf["max_position_embeddings"] / original if factor is None else factor),
+        rope_original_block_size=original,
+        rope_beta_fast=float(rope.get("beta_fast") or 32.0),  # transformers: `or`, so 0 means the default too
+        rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+        rope_attention_factor=rope.get("attention_factor"),
+        rope_truncate=rope.get("truncate", True),
+    )
+
+
+def yarn_to_hf(cfg: Config) -> dict:
+    yarn = dict(
+        rope_type="yarn",
+        factor=cfg.rope_factor,
+        original_max_position_embeddings=cfg.rope_original_block_size,
+        beta_fast=cfg.rope_beta_fast,
+        beta_slow=cfg.rope_beta_slow,
+    )
+    if cfg.rope_attention_factor is not None:
+        yarn["attention_factor"] = cfg.rope_attention_factor
+    if not cfg.rope_truncate:  # written only when off: transformers 4.x warns about a key it does not know
+        yarn["truncate"] = False
+    return yarn
 
 
 def read_config(path, **overrides) -> Config:

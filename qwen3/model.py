@@ -11,7 +11,8 @@ layer is also checked against `Qwen3MoeSparseMoeBlock` and its loss against
 Changes from llama31/model.py:
 - QK-Norm: RMSNorm over head_dim on every query and key head, before RoPE (report sec. 2);
 - head_dim is a Config field (128 at every size), no longer n_embd // n_head;
-- RoPE base 1,000,000 and no Llama 3.1 frequency scaling (its Config fields and code are deleted);
+- RoPE base 1,000,000; YaRN (Peng et al., 2023) in place of Llama 3.1's frequency scaling, off as
+  released and set in config.json for contexts beyond 32K, as Qwen's model cards describe;
 - `Router` and `MoE` (no shared expert; top-k probabilities renormalised), used in every layer
   picked by `decoder_sparse_step` and not in `mlp_only_layers`, as Hugging Face does. `MoE` runs
   either a readable loop over experts or grouped matmuls over tokens sorted by expert
@@ -23,7 +24,7 @@ Changes from llama31/model.py:
 
 Not here: Qwen 3's "global-batch" balancing (Qiu et al., 2025), which pools expert counts over
 all data-parallel ranks and micro-batches (this loss pools over the layers of one micro-batch, as
-transformers does); YaRN for contexts beyond 32K; sliding-window attention (off in every release).
+transformers does); sliding-window attention (off in every release).
 """
 
 import math
@@ -50,6 +51,13 @@ class Config:
     norm_eps: float = 1e-6  # RMSNorm epsilon, also of QK-Norm
     tie_embeddings: bool = False  # lm_head shares the token-embedding matrix (0.6B, 1.7B, 4B)
     rope_theta: float = 1000000.0  # RoPE base, raised from 10,000 by ABF (Xiong et al., 2023) for long context
+    rope_factor: float | None = None  # RoPE scaling: context extension factor s; None = plain RoPE
+    rope_type: str = "yarn"  # the scaling rope_factor selects: "yarn" (YaRN), the one Qwen 3 uses
+    rope_original_block_size: int = 32768  # the pre-training context, before long-context training
+    rope_beta_fast: float = 32.0  # yarn: frequencies turning more often than this in the original context: kept
+    rope_beta_slow: float = 1.0  # yarn: turning less often than this: divided by rope_factor; a ramp between
+    rope_attention_factor: float | None = None  # yarn: multiplies cos and sin; None = 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole frequency indices (transformers' default)
     # mixture of experts (Qwen3-MoE); n_experts = 0 is a dense model
     n_experts: int = 0  # routed experts in each MoE layer
     n_experts_per_tok: int = 8  # top-k: experts each token runs through
@@ -65,6 +73,7 @@ class Config:
     def __post_init__(self):
         positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "n_embd", "head_dim")
         positive += ("intermediate_size", "n_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+        positive += ("rope_original_block_size",)
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -80,6 +89,17 @@ class Config:
             raise ValueError(f"Config.norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"Config.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rope_factor is not None and not self.rope_factor > 0:
+            raise ValueError(f"Config.rope_factor must be > 0 or None (no scaling), got {self.rope_factor!r}")
+        if self.rope_type != "yarn":  # diff vs llama31: no Llama 3.1 scaling
+            raise ValueError(f"Config.rope_type must be 'yarn', got {self.rope_type!r}")
+        if not 0 < self.rope_beta_slow <= self.rope_beta_fast:
+            raise ValueError(
+                f"Config.rope_beta_slow ({self.rope_beta_slow}) must be > 0 and at most "
+                f"Config.rope_beta_fast ({self.rope_beta_fast})"
+            )
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise ValueError(f"Config.rope_attention_factor must be > 0 or None, got {self.rope_attention_factor!r}")
         if not isinstance(self.n_experts, int) or self.n_experts < 0:
             raise ValueError(f"Config.n_experts must be an integer >= 0 (0: dense), got {self.n_experts!r}")
         if self.n_experts and self.n_experts_per_tok > self.n_experts:
@@ -181,12 +201,46 @@ class RMSNorm(nn.Module):
 
 
 def precompute_rope(cfg: Config):
-    """cos and sin of the rotation angle m * theta_i for every position m < block_size."""
+    """cos and sin of the rotation angle m * theta_i for every position m < block_size, both times
+    YaRN's attention factor (1 for other RoPE)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # (head_dim/2,) eq. 15
+    attention_factor = 1.0
+    if cfg.rope_factor is not None and cfg.rope_type == "yarn":
+        inv_freq, attention_factor = yarn_scaling(inv_freq, cfg)
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)  # (block_size, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, head_dim): dim i pairs with i + head_dim/2
-    return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def yarn_scaling(inv_freq, cfg: Config):
+    """YaRN (Peng et al., 2023): inv_freq (head_dim/2,) -> (scaled inv_freq, attention factor).
+
+    NTK-by-parts (sec. 3.2): frequency i turns r_i = L / wavelength_i times over the original context
+    L. Those with r_i > beta_fast are kept (extrapolated), those with r_i < beta_slow are divided by
+    the factor s (interpolated, as position interpolation does), and between the two the result
+    blends linearly in the index i, as the reference implementation does. Attention temperature
+    (sec. 3.4): logits are scaled by 1/t with sqrt(1/t) = 0.1 ln(s) + 1, applied as a factor on both
+    cos and sin, hence on q and k."""
+    d, L, s = cfg.head_dim, cfg.rope_original_block_size, cfg.rope_factor
+
+    def index_turning(r):  # the (fractional) i with r_i = r: L / (2 pi theta^(2i/d)) = r
+        return d * math.log(L / (2 * math.pi * r)) / (2 * math.log(cfg.rope_theta))
+
+    lo, hi = index_turning(cfg.rope_beta_fast), index_turning(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    # clamped as the reference does, hi to d - 1 rather than d/2 - 1 (were lo itself past d - 1, the ramp
+    # would invert; no real config comes near: the slowest frequency would turn > beta_fast times in L)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001  # as the reference: keeps the ramp a step, not a division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # 0: kept ... 1: divided by s
+    inv_freq = inv_freq * (1 - ramp) + (inv_freq / s) * ramp
+    attention_factor = cfg.rope_attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
+    return inv_freq, attention_factor
 
 
 def apply_rope(x, cos, sin):

@@ -212,8 +212,61 @@ MODELS = [
 ]
 
 
+# RoPE-scaling variants of the models above, in the parity and property families only (tests/test_parity.py,
+# tests/test_properties.py): the training, distributed and bench families would add ~45 s per entry to
+# the suite, for code (the loop, the wrapping) that does not depend on how RoPE is scaled.
+_BASE = {m.name: m for m in MODELS}
+VARIANTS = [
+    ModelSpec(
+        name="llama31_yarn",
+        package="llama31",
+        # every YaRN knob off its default: betas, an untruncated ramp, an explicit attention factor
+        small=dict(
+            _BASE["llama31"].small,
+            rope_theta=10000.0,
+            rope_type="yarn",
+            rope_factor=4.0,
+            rope_beta_fast=2.0,
+            rope_beta_slow=0.1,
+            rope_truncate=False,
+            rope_attention_factor=1.3,
+        ),
+        hf_class="LlamaForCausalLM",
+        # head_dim 16, theta 10,000 and an original context of 16: frequencies 0, 1-2 and 3-7 fall
+        # below beta_fast, on the ramp, and past beta_slow; 48 positions run to 3x the original context
+        hf_config=dict(
+            _BASE["llama31"].hf_config,
+            rope_scaling=dict(
+                rope_type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=16,
+                beta_fast=2.0,
+                beta_slow=0.1,
+                truncate=False,
+                attention_factor=1.3,
+            ),
+        ),
+        parity_seq_len=48,
+    ),
+    ModelSpec(
+        name="qwen3_yarn",
+        package="qwen3",
+        small=dict(_BASE["qwen3"].small, rope_theta=10000.0, rope_factor=4.0, rope_original_block_size=16),
+        hf_class="Qwen3ForCausalLM",
+        # the spelling of Qwen's model cards (factor and original context only; betas 32 and 1, ramp
+        # truncated, attention factor 0.1 ln 4 + 1); an original context of 1,024 puts head_dim 10's
+        # frequencies 0, 1-2 and 3-4 below beta_fast, on the ramp and past beta_slow
+        hf_config=dict(
+            _BASE["qwen3"].hf_config,
+            max_position_embeddings=4096,
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024),
+        ),
+    ),
+]
+
+
 def by_name(name):
-    return next(m for m in MODELS if m.name == name)
+    return next(m for m in MODELS + VARIANTS if m.name == name)
 
 
 def randomize_(model, seed=0, std=0.1):

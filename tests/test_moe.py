@@ -279,8 +279,9 @@ def test_published_config_json_maps_to_the_presets():
 @pytest.mark.parametrize(
     "rope",
     [
-        dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),  # 4.x
-        dict(rope_scaling={"type": "yarn", "factor": 4.0}),  # the oldest spelling
+        # YaRN is read (tests/test_yarn.py); any other scaling is refused
+        dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),  # 4.x
+        dict(rope_scaling={"type": "dynamic", "factor": 4.0}),  # the oldest spelling
         dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}),  # transformers >= 5
     ],
 )
@@ -296,7 +297,7 @@ def test_config_json_asking_for_rope_scaling_is_rejected(rope):
         num_key_value_heads=8,
     )
     assert config_from_hf(dense).rope_theta == 10000.0  # no rope_* keys at all: transformers' default base
-    with pytest.raises(ValueError, match="RoPE scaling of type '(yarn|llama3)'.*only 'default'"):
+    with pytest.raises(ValueError, match="RoPE scaling of type '(linear|dynamic|llama3)'.*only 'default'"):
         config_from_hf(dict(dense, **rope))
 
 

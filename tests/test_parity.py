@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from registry import MODELS, import_transformers, randomize_
+from registry import MODELS, VARIANTS, import_transformers, randomize_
 
 transformers = import_transformers()  # skipped without it, except in CI
 
@@ -29,7 +29,7 @@ def random_ids(vocab_size, seq_len, batch=2, seed=1):
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", MODELS + VARIANTS, ids=lambda s: s.name)
 @pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
 def test_hf_to_ours(spec, attn_impl, tmp_path):
     theirs = hf_model(spec)
@@ -42,7 +42,7 @@ def test_hf_to_ours(spec, attn_impl, tmp_path):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", MODELS + VARIANTS, ids=lambda s: s.name)
 def test_ours_to_hf(spec, tmp_path):
     config = hf_format(spec).config_from_hf(hf_model(spec).config.to_dict())
     ours = spec.model.Transformer(config).eval()
@@ -56,7 +56,7 @@ def test_ours_to_hf(spec, tmp_path):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", MODELS + VARIANTS, ids=lambda s: s.name)
 def test_sharded_save_loads_back_in_both(spec, tmp_path):
     config = hf_format(spec).config_from_hf(hf_model(spec).config.to_dict())
     ours = spec.model.Transformer(config).eval()

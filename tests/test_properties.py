@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from registry import MODELS, by_name, randomize_
+from registry import MODELS, VARIANTS, by_name, randomize_
 
 SETTINGS = settings(max_examples=8, deadline=None)
 ATOL = 1e-4  # float32 noise between two equal computations on the random weights is <= ~2e-6
 ROUTER_MARGIN = 1e-4  # least gap between the k-th and (k+1)-th router logit of any token, or the draw is rejected
-models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
+models = pytest.mark.parametrize("spec", MODELS + VARIANTS, ids=lambda s: s.name)
 
 
 def model_for(spec, attn_impl="sdpa"):
