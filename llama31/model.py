@@ -344,6 +344,85 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Output head and loss: cross-entropy without the (B*T, vocab_size) logits
+
+# Rows per loss chunk are chosen so that one chunk's fp32 logits hold at most this many elements
+# (128 MiB): 261 rows at Llama 3's vocabulary of 128,256, 667 at GPT-2's 50,257. Large enough for
+# matmuls that fill a GPU, small enough that a chunk is 1/16 of a 4,096-token sequence's logits.
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight^T against targets, a block of rows at a time.
+    Forward keeps only each row's log-sum-exp; backward recomputes a chunk's logits to get its
+    gradient softmax - onehot(target), so no (N, vocab_size) tensor ever exists. The logits are
+    computed in the dtype of x and weight and reduced in float32, as F.cross_entropy(logits.float())."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows, ignore_index):
+        # x: (N, n_embd), weight: (vocab_size, n_embd), targets: (N,) with ignore_index rows left out
+        total, lse = torch.zeros((), dtype=torch.float32, device=x.device), []
+        for s in range(0, x.size(0), chunk_rows):
+            logits = (x[s : s + chunk_rows] @ weight.T).float()  # (C, vocab_size)
+            t = targets[s : s + chunk_rows]
+            lse.append(torch.logsumexp(logits, dim=-1))  # (C,)
+            target_logit = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)  # (C,)
+            total += torch.where(t != ignore_index, lse[-1] - target_logit, 0.0).sum()
+        n_valid = (targets != ignore_index).sum()  # all ignored: 0 / 0 = nan, as F.cross_entropy
+        ctx.save_for_backward(x, weight, targets, torch.cat(lse), n_valid)
+        ctx.chunk_rows, ctx.ignore_index = chunk_rows, ignore_index
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse, n_valid = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        # accumulated chunk by chunk in place, in weight's dtype: exact in fp32; under bf16, one
+        # rounding per chunk (a (vocab_size, n_embd) fp32 temporary per chunk would cost more memory)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        scale = grad_loss.float() / n_valid
+        for s in range(0, x.size(0), ctx.chunk_rows):
+            xc, t = x[s : s + ctx.chunk_rows], targets[s : s + ctx.chunk_rows]
+            g = (xc @ weight.T).float()  # (C, vocab_size): the logits again
+            g.sub_(lse[s : s + ctx.chunk_rows, None]).exp_()  # softmax
+            rows = torch.arange(t.size(0), device=t.device)
+            g[rows, t.clamp(min=0)] -= 1.0  # d loss_i / d logits_i = softmax_i - onehot(t_i)
+            g.mul_(torch.where(t != ctx.ignore_index, scale, 0.0)[:, None])
+            g = g.to(x.dtype)
+            if grad_x is not None:
+                grad_x[s : s + ctx.chunk_rows] = g @ weight  # (C, n_embd)
+            if grad_w is not None:
+                grad_w.addmm_(g.T, xc)  # (vocab_size, n_embd)
+        return grad_x, grad_w, None, None, None
+
+
+def linear_cross_entropy(x, weight, targets, chunk_rows=None, ignore_index=-100):
+    """F.cross_entropy(F.linear(x, weight).float().flatten(0, -2), targets.flatten(), ignore_index=-100)
+    in value and gradients (for x and weight, tied or not), holding one chunk of logits at a time.
+    x: (..., n_embd), targets: (...) -> () float32. Under autocast, x and weight enter in its dtype,
+    as F.linear's would; the casts stay outside the Function, so their gradients flow back through them."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x, weight = x.to(torch.get_autocast_dtype(device)), weight.to(torch.get_autocast_dtype(device))
+    chunk_rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    with torch.autocast(device, enabled=False):  # the backward runs without autocast too
+        return ChunkedCrossEntropy.apply(x.flatten(0, -2), weight, targets.flatten(), chunk_rows, ignore_index)
+
+
+class LMHead(nn.Linear):
+    """The output projection, bias-free. head(x) gives the logits; head(x, targets) gives the mean
+    cross-entropy through linear_cross_entropy instead, never holding the logits. The loss is
+    computed in this module's forward, not from its weight outside, so what wraps module calls
+    (FSDP's all-gather of a sharded lm_head, its reshard and gradient reduction) sees it."""
+
+    def __init__(self, n_embd, vocab_size):
+        super().__init__(n_embd, vocab_size, bias=False)
+
+    def forward(self, x, targets=None):
+        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets)
+
+
+# -----------------------------------------------------------------------------
 # Transformer
 
 
@@ -354,7 +433,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         cos, sin = precompute_rope(cfg)  # (block_size, head_dim) each; rebuilt from cfg, never saved
@@ -404,10 +483,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i], pos)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        # with targets: (None, loss), the logits never materialised (LMHead's chunked cross-entropy, a
+        # () float32 mean over the targets that are not -100); without: (logits (B, T, vocab_size), None)
+        x = self.norm(x)
+        logits, loss = (self.lm_head(x), None) if targets is None else (None, self.lm_head(x, targets))
         return logits, loss
 
     def make_cache(self, batch_size, max_seq_len=None):
@@ -485,7 +564,7 @@ if __name__ == "__main__":  # smoke check: python llama31/model.py
     torch.manual_seed(0)
     model = Transformer(Config.tiny())
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
-    logits, loss = model(idx, idx)
+    logits, loss = model(idx)[0], model(idx, idx)[1]
     print(
         f"tiny Llama 3.1: {model.num_params():,} params, logits {tuple(logits.shape)}, loss {loss.item():.3f} "
         f"(ln vocab = {math.log(model.cfg.vocab_size):.3f})"

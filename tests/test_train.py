@@ -208,14 +208,13 @@ def test_bf16_mixed_precision_tracks_fp32(spec, toy_data, tmp_path, monkeypatch)
     """--dtype bfloat16 runs the model under autocast (the GPU default; CPU autocast here): its
     logits come out of a bf16 matmul, and the losses track fp32's closely without equalling them."""
     dtypes = set()
-    forward = spec.model.Transformer.forward
+    apply = spec.model.ChunkedCrossEntropy.apply  # the loss computes the logits, a chunk at a time
 
-    def recorded(self, *args, **kwargs):
-        logits, loss = forward(self, *args, **kwargs)
-        dtypes.add(logits.dtype)
-        return logits, loss
+    def recorded(x, weight, *args):
+        dtypes.add(torch.promote_types(x.dtype, weight.dtype))
+        return apply(x, weight, *args)
 
-    monkeypatch.setattr(spec.model.Transformer, "forward", recorded)
+    monkeypatch.setattr(spec.model.ChunkedCrossEntropy, "apply", recorded)
     fp32 = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "fp32", "--max-steps", 3))
     assert dtypes == {torch.float32}
     dtypes.clear()
