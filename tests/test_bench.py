@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import decode, mfu, moe, train_throughput
+from bench import decode, loss_memory, mfu, moe, train_throughput
 from registry import MODELS, by_name, import_transformers
 
 models = pytest.mark.parametrize("model", [m.name for m in MODELS])
@@ -72,6 +72,16 @@ def test_mfu_nominal_peak_is_the_models_train_py_table(monkeypatch):
     assert peak == 123e12 and label == "NVIDIA H100 80GB HBM3, dense bfloat16 123 TFLOP/s, llama31/train.py"
     args.dtype = "float32"
     assert mfu.nominal_peak(args, torch.device("cuda"), torch.float32) == (None, None)  # the table is bf16's
+
+
+def test_loss_memory_quick(capsys):
+    loss_memory.main(["--quick"])
+    out = capsys.readouterr().out
+    for label in ("full fp32 logits", "plain ", "chunked ", "chunked / plain:", "target chunked <= 0.25x"):
+        assert label in out, out
+    # the chunked loss is the plain one in fp32 (summed in another order); a wrong row, chunk or mask is >= 1e-3
+    found = re.search(r"losses: plain \S+, chunked \S+ \(\|diff\| (\S+)\); weight grad rel diff (\S+)", out)
+    assert float(found.group(1)) <= 1e-5 and float(found.group(2)) <= 1e-5, out
 
 
 def test_moe_layer_runs(capsys):
