@@ -14,8 +14,11 @@ torch.cuda.max_memory_allocated. On CPU it is the process's peak resident set (V
 through /proc/self/clear_refs) above its resident set at the start, with glibc's malloc told to
 mmap every block of 64 KiB or more, so a freed tensor leaves the resident set at once: it counts
 every allocation, a kernel's internal temporaries included, to within a few MB of allocator and
-thread-stack noise. Under --dtype bfloat16 both run under autocast with an fp32 weight, as
-train.py's mixed precision does.
+thread-stack noise. The gradients are subtracted because both are alive at the peak (each path's
+weight gradient is the tensor it accumulates or returns in backward). --dtype bfloat16 gives x and
+the weight in bf16, as FSDP's mixed precision gathers them; autocast would add a bf16 copy of the
+weight and of its gradient to both sides alike, and its cast-back fp32 gradient appears only after
+the peak, so subtracting it would undercount.
 """
 
 import argparse
@@ -67,13 +70,12 @@ class CUDAMemory:
         return torch.cuda.max_memory_allocated() - self.base
 
 
-def measure(fn, x, weight, targets, memory, autocast):
+def measure(fn, x, weight, targets, memory):
     """(loss, weight gradient, extra peak bytes) of fn's forward + backward."""
     x.grad = weight.grad = None
     gc.collect()
     memory.start()
-    with autocast:
-        loss = fn(x, weight, targets)
+    loss = fn(x, weight, targets)
     loss.backward()
     extra = memory.peak() - x.grad.nbytes - weight.grad.nbytes
     return loss.item(), weight.grad, extra
@@ -86,7 +88,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--n-embd", type=int, default=1024, help="hidden width; the logits' size does not depend on it")
     p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: model.py's, from LOSS_CHUNK_ELEMENTS)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="bfloat16: under autocast")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of x and the weight")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument(
@@ -102,13 +104,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     memory = CUDAMemory() if device.type == "cuda" else CPUMemory()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     chunk_rows = args.chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // args.vocab_size)
 
     g = torch.Generator(device=device).manual_seed(0)
     B, T, V, D = args.batch_size, args.seq_len, args.vocab_size, args.n_embd
-    x = torch.randn(B, T, D, generator=g, device=device).requires_grad_()
-    weight = (0.02 * torch.randn(V, D, generator=g, device=device)).requires_grad_()
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(B, T, D, generator=g, device=device).to(dtype).requires_grad_()
+    weight = (0.02 * torch.randn(V, D, generator=g, device=device)).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (B, T), generator=g, device=device)
     logits_fp32 = B * T * V * 4
     print(
@@ -118,16 +120,15 @@ def main(argv=None):
     print(f"extra peak memory of loss + backward, less the gradients returned ({memory.__class__.__name__}):")
 
     for fn in (plain_loss, linear_cross_entropy):  # warm-up: one-time set-up costs count for neither
-        with autocast:
-            fn(x[:, :8], weight, targets[:, :8]).backward()
-    loss_p, grad_p, extra_p = measure(plain_loss, x, weight, targets, memory, autocast)
+        fn(x[:, :8], weight, targets[:, :8]).backward()
+    loss_p, grad_p, extra_p = measure(plain_loss, x, weight, targets, memory)
     grad_p = grad_p.clone()
     print(f"  plain   F.cross_entropy(F.linear(x, w).float()): {extra_p / MB:>9,.1f} MB = {extra_p / logits_fp32:.2f}x")
 
     def chunked(*a):
         return linear_cross_entropy(*a, chunk_rows=chunk_rows)
 
-    loss_c, grad_c, extra_c = measure(chunked, x, weight, targets, memory, autocast)
+    loss_c, grad_c, extra_c = measure(chunked, x, weight, targets, memory)
     print(f"  chunked linear_cross_entropy:                    {extra_c / MB:>9,.1f} MB = {extra_c / logits_fp32:.2f}x")
     print(
         f"chunked / plain: {extra_c / extra_p:.3f}; target chunked <= {TARGET}x the fp32 logits: "
