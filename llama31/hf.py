@@ -13,10 +13,12 @@ directories; strict loading; `load` and `save`, behind `Transformer.from_pretrai
 """
 
 import json
+import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .model import Config, Transformer, ffn_hidden_size
 
@@ -192,6 +194,15 @@ def ours_to_hf(state, cfg):
 
 
 def read_safetensors_dir(path):
+    state = {}
+    for part in read_safetensors_layers(path):
+        state.update(part)
+    return state
+
+
+def read_safetensors_layers(path):
+    """The directory's tensors one layer at a time, those outside the layers first: a loader that
+    converts each part and keeps only its own shard of it (train.py under FSDP) never holds more."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -200,10 +211,18 @@ def read_safetensors_dir(path):
         files = [p.name for p in sorted(path.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state = {}
+    layers = {}  # layer number (-1: outside the layers) -> [(file, name)]
     for f in files:
-        state.update(load_file(str(path / f)))
-    return state
+        with safe_open(path / f, "pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                number = re.search(r"\.(\d+)\.", name)  # the first number is the layer's: layers.3.mlp.experts.7.
+                layers.setdefault(int(number[1]) if number else -1, []).append((f, name))
+    for _, names in sorted(layers.items()):
+        part = {}
+        for f in dict.fromkeys(f for f, _ in names):
+            with safe_open(path / f, "pt") as st:  # mapped only while this layer is read
+                part.update({name: st.get_tensor(name) for g, name in names if g == f})
+        yield part
 
 
 def write_safetensors_dir(path, state, max_shard_bytes=5 * 2**30):

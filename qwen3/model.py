@@ -598,24 +598,34 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = precompute_rope(cfg)  # (block_size, head_dim) each; rebuilt from cfg, never saved
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_buffers()
         self.reset_parameters()
 
+    def init_buffers(self):
+        """Tables computed from cfg, never saved, rebuilt after to_empty: RoPE's cos and sin."""
+        cos, sin = precompute_rope(self.cfg)  # (block_size, head_dim) each
+        device = self.tok_emb.weight.device  # built on the meta device, these are too
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
     def reset_parameters(self):
+        for name, p in self.named_parameters():  # a tied matrix once, in a fixed order
+            self.init_parameter(name, p)
+
+    def init_parameter(self, name, p):
+        """Write parameter `name`'s initial value into p, any tensor of its shape: train.py passes a
+        full-size scratch tensor when each process holds only a shard of the parameter."""
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "mlp.w2")):  # diff vs llama31: MoE's stacked w2
-                # GPT-2 paper sec. 2.3: scale residual projections by 1/sqrt(N) so the
-                # residual stream's variance does not grow with depth (2 per block)
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "norm" in name:
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight", "mlp.w2")):  # diff vs llama31: MoE's stacked w2
+            # GPT-2 paper sec. 2.3: scale residual projections by 1/sqrt(N) so the
+            # residual stream's variance does not grow with depth (2 per block)
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+        else:
+            nn.init.normal_(p, mean=0.0, std=std)
 
     def check_input(self, idx, pos=0):
         """Fail with a message a user can act on, instead of an index error deep inside torch."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from qwen3 import hf
@@ -83,13 +84,24 @@ def parse_args(argv=None):
     d.add_argument(
         "--total-batch-tokens",
         type=int,
+        default=argparse.SUPPRESS,
         help="tokens per optimizer step over all processes; reached by gradient accumulation "
-        "(default: one micro-batch per process)",
+        "(default: the preset's published recipe, else one micro-batch per process)",
     )
     o = p.add_argument_group("optimizer")
-    o.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (the default suits the tiny preset)")
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    o.add_argument("--warmup-steps", type=int, default=20)
+    o.add_argument(
+        "--lr",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="peak learning rate (default: the preset's published recipe, else 4e-3)",
+    )
+    o.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="final learning rate as a fraction of --lr (default: as --lr; 0.1)",
+    )
+    o.add_argument("--warmup-steps", type=int, default=argparse.SUPPRESS, help="linear warmup (default: as --lr; 20)")
     o.add_argument(
         "--schedule",
         default="cosine",
@@ -97,7 +109,12 @@ def parse_args(argv=None):
         help="cosine decay, or warmup-stable-decay (linear decay over the last --decay-frac)",
     )
     o.add_argument("--decay-frac", type=float, default=0.2, help="wsd: fraction of steps spent decaying")
-    o.add_argument("--weight-decay", type=float, default=0.1, help="applied to matrices only, not norms or biases")
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="applied to matrices only, not norms or biases (default: as --lr; 0.1)",
+    )
     o.add_argument("--beta1", type=float, default=0.9)
     o.add_argument("--beta2", type=float, default=0.95)
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 disables)")
@@ -144,10 +161,34 @@ def parse_args(argv=None):
     if args.init_from and (hasattr(args, "preset") or args.set):
         p.error("--init-from takes the architecture from its config.json: drop --preset and --set")
     args.preset = getattr(args, "preset", "tiny")
+    apply_training_defaults(args)
     if args.resume and args.init_from:
         p.error("--resume and --init-from are exclusive: a checkpoint already holds the weights")
     check_args(args, p)
     return args
+
+
+# Published recipes of the real presets, used for each of these flags not given on the command line.
+# The Qwen3 technical report (Yang et al. 2025, sec. 3) publishes no learning rate, warmup or batch size
+# (it says they were set by scaling laws per model), so every preset keeps the small-run defaults:
+# pass --lr, --warmup-steps and --total-batch-tokens for a real run.
+TRAINING_DEFAULTS = {}
+
+
+# What those flags are when neither the command line nor the preset's recipe sets them: a small run's
+SMALL_RUN_DEFAULTS = dict(lr=4e-3, warmup_steps=20, total_batch_tokens=None, min_lr_ratio=0.1, weight_decay=0.1)
+
+
+def apply_training_defaults(args):
+    """Fill each of SMALL_RUN_DEFAULTS' flags not given (SUPPRESS: absent) from the preset's published recipe, else
+    the small-run default; args.recipe keeps what came from the recipe, for the start-up log."""
+    recipe = {} if args.init_from else TRAINING_DEFAULTS.get(args.preset, {})
+    args.recipe = {}
+    for name, fallback in SMALL_RUN_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, recipe.get(name, fallback))
+            if name in recipe:
+                args.recipe[name] = recipe[name]
 
 
 def check_args(args, p):
@@ -267,37 +308,97 @@ def all_mean(x: torch.Tensor):
 
 
 def build_model(args, cfg, device, compute_dtype):
-    model = Transformer.from_pretrained(args.init_from) if args.init_from else Transformer(cfg)
-    model.to(device)
-    if args.activation_checkpointing:
-        for block in model.layers:  # keeps parameter names unchanged, unlike a wrapper module
+    """Built on the meta device (shapes, no storage), wrapped, then allocated, as torchtitan does:
+    activation checkpointing -> per-block compile -> FSDP2 groups -> to_empty -> the initial values
+    (or --init-from's weights). Under FSDP each process so only ever allocates its shard."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for block in model.layers:
+        if args.activation_checkpointing:  # keeps parameter names unchanged, unlike a wrapper module
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if args.compile:  # each block in place: no `_orig_mod.` in the names, and FSDP's hooks between blocks
+            block.compile()
+    if args.parallel == "fsdp":
+        shard_model(model, compute_dtype)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each module a tensor of its own, which unties a shared one
+        model.lm_head.weight = model.tok_emb.weight
+    with torch.no_grad():
+        if args.init_from:
+            load_pretrained(model, args.init_from)
+        else:
+            init_parameters(model)
+    model.init_buffers()  # to_empty left them uninitialised
     if args.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif args.parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        return model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, model  # (the plain module, for state dicts and generation; what the loop calls)
 
-        # params stored in fp32 and gathered in the compute dtype; gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        wrapped = fully_shard(model, mp_policy=mp)
-    else:
-        wrapped = model
-    if args.compile:
-        wrapped = torch.compile(wrapped)
-    return model, wrapped  # model: the plain module, for state dicts and generation
+
+def shard_model(model, compute_dtype):
+    """FSDP2 groups, each gathered just before its forward and freed after: the embedding, each block,
+    the final norm with the head, and a root for what is left (GPT-2's positions). A tied head shares
+    the embedding's matrix, and so its group."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # params stored in fp32 and gathered in the compute dtype; gradients reduced in fp32
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    head = [model.norm, model.lm_head]
+    fully_shard([model.tok_emb, *head] if model.cfg.tie_embeddings else model.tok_emb, mp_policy=mp)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    if not model.cfg.tie_embeddings:
+        fully_shard(head, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def local_part(full, param):
+    """This process's part of the full tensor `full`: all of it, or the rows FSDP gave it of `param`."""
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def init_parameters(model):
+    """The model's initial values, the same on any number of processes: a sharded parameter is drawn
+    full-size (one at a time, in reset_parameters' order, from the same seed) and each process keeps
+    its rows, so the random stream is a single process's. Peak: one parameter beyond the shard."""
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            full = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+            model.init_parameter(name, full)
+            p.to_local().copy_(local_part(full, p))
+        else:
+            model.init_parameter(name, p)
+
+
+def load_pretrained(model, path):
+    """--init-from: the Hugging Face checkpoint read one layer at a time (hf.read_safetensors_layers),
+    each process keeping its part of each tensor, so none holds more than a layer beyond its shard."""
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    found = {}
+    for part in hf.read_safetensors_layers(path):
+        for name, tensor in hf.hf_to_ours(part, model.cfg).items():
+            found[name] = tensor.shape
+            if expected.get(name) == tensor.shape:
+                p = model.get_parameter(name)
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(local_part(tensor, p))
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [f"{k} {tuple(found[k])} vs {tuple(v)}" for k, v in expected.items() if found.get(k, v) != v]
+    if missing or unexpected or shapes:
+        raise SystemExit(
+            f"--init-from {path}: the checkpoint does not match its config.json's model: "
+            f"missing {missing}, unexpected {unexpected}, shapes (checkpoint vs model) {shapes}"
+        )
 
 
 def set_gradient_sync(wrapped, args, enabled):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    module = getattr(wrapped, "_orig_mod", wrapped)
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of an accumulation. FSDP keeps
+    syncing: each micro-batch's gradients are reduce-scattered into the sharded ones (as torchtitan
+    does), which costs a collective per micro-batch but never holds a full set of fp32 gradients."""
     if args.parallel == "ddp":
-        module.require_backward_grad_sync = enabled
-    elif args.parallel == "fsdp":
-        module.set_requires_gradient_sync(enabled)
+        wrapped.require_backward_grad_sync = enabled
 
 
 # -----------------------------------------------------------------------------
@@ -696,6 +797,9 @@ def train(args):
         f"{device} {compute_dtype} | {total_batch:,} tokens per step = {accum} micro-batch(es) of "
         f"{args.batch_size}x{args.seq_len} per process"
     )
+    if args.recipe:
+        given = ", ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in args.recipe.items())
+        log(f"from the {args.preset} preset's published recipe (TRAINING_DEFAULTS): {given}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, metrics = out_dir / "metrics.jsonl", None
