@@ -76,7 +76,11 @@ def parse_args(argv=None):
         help="directory of *_train_*.bin / *_val_*.bin token shards "
         "(default: the bundled Shakespeare, prepared into data/shakespeare on first use)",
     )
-    d.add_argument("--tokenizer", default="gpt2", help="'gpt2' or a directory/file with tokenizer.json (for samples)")
+    d.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="'gpt2', or a directory or file with tokenizer.json or tiktoken ranks (Meta's tokenizer.model)",
+    )
     d.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
     d.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (at most the model's block_size)")
     d.add_argument(
