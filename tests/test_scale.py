@@ -3,7 +3,6 @@ each rank allocates only its FSDP shard, yet starts from exactly the single-proc
 gradients stay sharded through an accumulation; --init-from under FSDP reads the checkpoint layer by
 layer and gives the single-process model's logits."""
 
-import multiprocessing
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from registry import MODELS
-from train_helpers import free_port
+from train_helpers import fork_ranks
 
 models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
 CPU = torch.device("cpu")
@@ -24,16 +23,10 @@ def build_args(**kw):
 
 def on_ranks(fn, *args, nproc=2):
     """fn(rank, *args) in nproc forked processes joined in a gloo group, as torchrun would run them."""
-    ctx, port = multiprocessing.get_context("fork"), free_port()
-    procs = [ctx.Process(target=_rank, args=(fn, rank, nproc, port, args)) for rank in range(nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0] * nproc, "a rank failed; its traceback is in the captured stderr"
+    fork_ranks(_rank, fn, args, nproc=nproc, timeout=120)
 
 
-def _rank(fn, rank, world_size, port, args):
+def _rank(rank, world_size, port, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
     try:

@@ -76,19 +76,21 @@ def run_ranks(spec, *args, nproc=2):
     """torchrun's job, done with forked processes: each rank gets the environment torchrun would
     set and calls main(). Forking skips re-importing torch per rank, which keeps the suite fast;
     test_distributed.py also launches the real torchrun once."""
-    ctx = multiprocessing.get_context("fork")
-    port = free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(spec, rank, nproc, port, [str(a) for a in args])) for rank in range(nproc)
-    ]
+    fork_ranks(_rank_main, spec, [str(a) for a in args], nproc=nproc)
+
+
+def fork_ranks(target, *args, nproc=2, timeout=300):
+    """target(rank, world_size, port, *args) in nproc forked processes; every one must exit 0."""
+    ctx, port = multiprocessing.get_context("fork"), free_port()
+    procs = [ctx.Process(target=target, args=(rank, nproc, port, *args)) for rank in range(nproc)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=timeout)
     assert [p.exitcode for p in procs] == [0] * nproc, "a rank failed; its traceback is in the captured stderr"
 
 
-def _rank_main(spec, rank, world_size, port, args):
+def _rank_main(rank, world_size, port, spec, args):
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
