@@ -317,7 +317,7 @@ def all_mean(x: torch.Tensor):
 def build_model(args, cfg, device, compute_dtype):
     """Built on the meta device (shapes, no storage), wrapped, then allocated, as torchtitan does:
     activation checkpointing -> per-block compile -> FSDP2 groups -> to_empty -> the initial values
-    (or --init-from's weights). Under FSDP each process so only ever allocates its shard."""
+    (or --init-from's weights). Under FSDP each process only ever allocates its shard."""
     with torch.device("meta"):
         model = Transformer(cfg)
     for block in model.layers:
@@ -391,13 +391,9 @@ def load_pretrained(model, path):
             if expected.get(name) == tensor.shape:
                 p = model.get_parameter(name)
                 (p.to_local() if isinstance(p, DTensor) else p).copy_(local_part(tensor, p))
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    shapes = [f"{k} {tuple(found[k])} vs {tuple(v)}" for k, v in expected.items() if found.get(k, v) != v]
-    if missing or unexpected or shapes:
-        raise SystemExit(
-            f"--init-from {path}: the checkpoint does not match its config.json's model: "
-            f"missing {missing}, unexpected {unexpected}, shapes (checkpoint vs model) {shapes}"
-        )
+    problems = hf.mismatches(expected, found)
+    if problems:
+        raise SystemExit(f"--init-from {path}: the checkpoint does not match its config.json's model: {problems}")
 
 
 def set_gradient_sync(wrapped, args, enabled):

@@ -260,23 +260,23 @@ def write_safetensors_dir(path, state, max_shard_bytes=5 * 2**30):
 # Strict loading
 
 
+def mismatches(expected, found):
+    """What keeps a checkpoint from loading, from {name: shape} of the model and of the checkpoint:
+    "missing keys [...]; unexpected keys [...]; shape mismatches [...]" (the clauses that apply), or ""."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(v)}" for k, v in expected.items() if found.get(k, v) != v
+    ]
+    clauses = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+    return "; ".join(f"{what}: {names}" for what, names in clauses if names)
+
+
 def load_state_dict_strict(model, state):
     """load_state_dict that names every missing, unexpected or mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise KeyError(
-            "checkpoint does not match the model:"
-            + (f"\n  missing keys: {missing}" if missing else "")
-            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatches: {shapes}" if shapes else "")
-        )
+    problems = mismatches({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()})
+    if problems:
+        raise KeyError(f"checkpoint does not match the model: {problems}")
     model.load_state_dict(state)
 
 

@@ -36,6 +36,7 @@ COPIES = {
     "hf.read_config": ["gpt2", "llama31", "qwen3"],
     "hf.read_safetensors_dir": ["gpt2", "llama31", "qwen3"],
     "hf.write_safetensors_dir": ["gpt2", "llama31", "qwen3"],
+    "hf.mismatches": ["gpt2", "llama31", "qwen3"],
     "hf.load_state_dict_strict": ["gpt2", "llama31", "qwen3"],
     "hf.load": ["gpt2", "qwen3"],  # llama31 also reads Meta's own format
     "hf.save": ["gpt2", "llama31", "qwen3"],

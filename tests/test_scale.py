@@ -121,7 +121,7 @@ def test_init_from_names_what_does_not_match(tmp_path):
     spec = MODELS[0]
     spec.build().save_pretrained(tmp_path)
     args = build_args(parallel="none", init_from=str(tmp_path))
-    with pytest.raises(SystemExit, match=r"missing \['layers.2"):
+    with pytest.raises(SystemExit, match=r"missing keys: \['layers\.2"):
         spec.train.build_model(args, spec.config(n_layer=3), CPU, None)
 
 
