@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama31 import hf
 from llama31.model import Config, Transformer
-from shared.data import DataError, DataLoader, check_tokenizer, default_corpus
+from shared.data import DataError, DataLoader, check_tokenizer, default_corpus, fsync_dir
 from shared.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -500,14 +500,6 @@ def find_checkpoint(path):
 def temp_path(path):
     """A fresh name beside `path`, so two processes writing there never share a temp file."""
     return path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the renames inside durable
-    finally:
-        os.close(fd)
 
 
 def write_file(path, obj):

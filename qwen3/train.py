@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qwen3 import hf
 from qwen3.model import Config, Transformer
-from shared.data import DataError, DataLoader, check_tokenizer, default_corpus
+from shared.data import DataError, DataLoader, check_tokenizer, default_corpus, fsync_dir
 from shared.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -512,14 +512,6 @@ def find_checkpoint(path):
 def temp_path(path):
     """A fresh name beside `path`, so two processes writing there never share a temp file."""
     return path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the renames inside durable
-    finally:
-        os.close(fd)
 
 
 def write_file(path, obj):

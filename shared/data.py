@@ -262,6 +262,7 @@ def swap_in(staging: Path, target: Path, shown) -> Path | None:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make the renames and creations inside `path` durable (train.py's checkpoints use it too)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
