@@ -1,0 +1,128 @@
+"""posttrain/sft.py: batched rollouts with the KV cache, per-sequence EOS, completion-only loss, a short
+run, its checkpoints, and 2 gloo ranks against one process."""
+
+import os
+import random
+
+import pytest
+import torch
+
+from posttrain import sft
+from tests.registry import MODELS
+from tests.train_helpers import fork_ranks, metrics
+
+GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
+
+
+def random_prompts(n, vocab_size, seed=0):
+    """n prompts of 3 to 6 ids, lengths mixed in one batch."""
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab_size) for _ in range(rng.randint(3, 6))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
+def test_batched_greedy_equals_one_at_a_time(spec):
+    model = spec.build(seed=1, tie_embeddings=False).eval()
+    prompts = random_prompts(7, model.cfg.vocab_size)
+    batched = sft.generate(model, prompts, 6, eot_id=0)
+    alone = [sft.generate(model, [p], 6, eot_id=0)[0] for p in prompts]
+    assert batched == alone
+    assert {len(p) for p in prompts} == {3, 4, 5, 6}  # the batch really mixed lengths
+
+
+def test_eos_stops_each_sequence_and_masks_its_completion():
+    model = GPT2.build(seed=1, tie_embeddings=False).eval()
+    prompts = random_prompts(6, model.cfg.vocab_size, seed=3)
+    free = sft.generate(model, prompts, 8, eot_id=model.cfg.vocab_size - 1)  # an id it never emits here
+    assert all(len(c) == 8 for c in free)
+    eot = free[0][2]  # row 0 emits this third: with it as EOT, row 0 stops there
+    stopped = sft.generate(model, prompts, 8, eot_id=eot)
+    for before, after in zip(free, stopped):
+        end = before.index(eot) + 1 if eot in before else len(before)
+        assert after == before[:end]  # the same tokens, cut after the first EOT
+    assert len(stopped[0]) == 3 and any(len(c) == 8 for c in stopped)
+    ids, mask = sft.collate(prompts, stopped, pad_id=eot, device="cpu")
+    for i, (p, c) in enumerate(zip(prompts, stopped)):
+        assert mask[i].tolist() == [0.0] * len(p) + [1.0] * len(c) + [0.0] * (ids.size(1) - len(p) - len(c))
+        assert ids[i, len(p) : len(p) + len(c)].tolist() == c
+
+
+def test_sequence_logps_are_the_sampled_tokens_logprobs():
+    model = GPT2.build(seed=2)
+    prompts = random_prompts(3, model.cfg.vocab_size)
+    completions = [[5, 6], [7], [8, 9, 10]]
+    ids, mask = sft.collate(prompts, completions, pad_id=0, device="cpu")
+    logps = sft.sequence_logps(model, ids, mask)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        alone = torch.tensor([p + c])
+        logits = model(alone[:, :-1])[0].log_softmax(-1)[0]  # (L-1, vocab) for one unpadded sequence
+        expected = [logits[len(p) - 1 + j, t].item() for j, t in enumerate(c)]
+        got = logps[i][mask[i] == 1].tolist()
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert (logps[mask == 0] == 0).all()
+
+
+def test_loss_counts_completion_tokens_only():
+    model = GPT2.build(seed=2)
+    prompts = random_prompts(4, model.cfg.vocab_size)
+    completions = [[5, 6], [7], [8, 9, 10], [11]]
+    ids, mask = sft.collate(prompts, completions, pad_id=0, device="cpu")
+    inputs, targets = ids[:, :-1], sft.completion_targets(ids, mask)
+    n = (targets != -100).sum()
+    loss = sft.sft_loss(model, inputs, targets, n)
+    # other prompt tokens as targets (the inputs unchanged): the same loss
+    other_prompts = ids.masked_fill(mask == 0, 3)
+    assert sft.sft_loss(model, inputs, sft.completion_targets(other_prompts, mask), n).item() == loss.item()
+    # another completion token: another loss
+    other_completion = ids.clone()
+    other_completion[0, len(prompts[0])] = 4
+    assert sft.sft_loss(model, inputs, sft.completion_targets(other_completion, mask), n).item() != loss.item()
+    # and it is the mean cross-entropy of exactly the completion tokens
+    logp = model(inputs)[0].log_softmax(-1)
+    expected = -sum(
+        logp[i, len(p) - 1 + j, t] for i, (p, c) in enumerate(zip(prompts, completions)) for j, t in enumerate(c)
+    )
+    assert loss.item() == pytest.approx(expected.item() / n.item(), rel=1e-5)
+
+
+def sft_args(out_dir, *extra):
+    """A few seconds of SFT of the registry's small GPT-2 (GPT-2's vocabulary) on the reverse task."""
+    return [str(a) for a in [
+        "--init-from", "none", "--out-dir", out_dir, "--device", "cpu", "--steps", "2", "--batch-size", "4",
+        "--eval-prompts", "4", "--eval-every", "0", "--max-new-tokens", "4", "--lr", "1e-2", "--warmup-steps", "1",
+        "--log-every", "1", *extra,
+    ]]  # fmt: skip
+
+
+def test_short_run_lowers_loss_and_its_checkpoints_reload(tmp_path):
+    rows = sft.main(sft_args(tmp_path, "--steps", "15", "--batch-size", "16"))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]  # ln(50,257) = 10.8 at first; the letters are soon learned
+    ckpt = sft.load_checkpoint(GPT2, tmp_path / "ckpt.pt")
+    exported = GPT2.model.Transformer.from_pretrained(tmp_path / "hf")
+    idx = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(ckpt(idx)[0], exported(idx)[0])
+    # train.py samples from it: the same ckpt.pt format, optimizer state included
+    sets = [f"--set={k}={v}" for k, v in {**GPT2.small, "vocab_size": 50257}.items()]
+    GPT2.train.main([*sets, "--generate", "--out-dir", str(tmp_path), "--sample-tokens", "3", "--device", "cpu"])
+    # and the next post-training file starts from it
+    assert sft.main(sft_args(tmp_path / "again", "--init-from", tmp_path, "--steps", "1"))
+
+
+def _rank_main(rank, world_size, port, args):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    sft.main(args)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, parallel):
+    one = sft.main(sft_args(tmp_path / "one"))
+    fork_ranks(_rank_main, sft_args(tmp_path / "two", "--parallel", parallel))
+    two = metrics(tmp_path / "two")
+    assert [r["loss"] for r in two if "loss" in r] == pytest.approx([r["loss"] for r in one if "loss" in r], rel=1e-5)
+    assert [r["eval_reward"] for r in two if "eval_reward" in r] == [
+        r["eval_reward"] for r in one if "eval_reward" in r
+    ]
