@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from qwen3 import hf
-from qwen3.model import Config, Transformer
+from qwen3.model import LOSS_CHUNK_ELEMENTS, Config, Transformer
 from shared.data import DataError, DataLoader, check_tokenizer, default_corpus, fsync_dir
 from shared.tokenizer import load_tokenizer
 
@@ -402,6 +402,145 @@ def set_gradient_sync(wrapped, args, enabled):
 
 
 # -----------------------------------------------------------------------------
+# Memory plan: what each process will hold, estimated from the meta model before anything is allocated
+
+
+def memory_plan(model, args, world_size, compute_dtype):
+    """Estimated bytes per process of a model built on the meta device (unwrapped, unsharded):
+    {weights, gradients, optimizer, transient, activations}. Exact for the first three, which are
+    counts of parameters; transient and activations are estimates (see their functions)."""
+    shards = world_size if args.parallel == "fsdp" else 1
+    numel = sum(local_numel(p, shards) for p in model.parameters())  # a tied matrix counts once
+    return {
+        "weights": 4 * numel,  # the fp32 master copy, sharded under FSDP
+        # fp32, sharded under FSDP; DDP also copies them into its all-reduce buckets
+        "gradients": 4 * numel * (2 if args.parallel == "ddp" else 1),
+        # AdamW's two fp32 moments (Loshchilov & Hutter 2019, alg. 2) per parameter: make_optimizer's
+        # optimizer, counted rather than built, since its state is only created at the first step
+        "optimizer": 2 * 4 * numel,
+        "transient": transient_bytes(model, args, compute_dtype),
+        "activations": activation_bytes(model, args, compute_dtype),
+    }
+
+
+def local_numel(param, shards):
+    """Elements of param on the process holding the most of it: FSDP2 splits dim 0 into `shards`
+    equal parts, the last ones padded."""
+    if shards == 1 or param.dim() == 0:
+        return param.numel()
+    return math.ceil(param.size(0) / shards) * (param.numel() // param.size(0))
+
+
+def fsdp_groups(model):
+    """Parameters in each FSDP2 group of shard_model: the embedding (with the head when tied), each
+    block, the final norm with the head, and the root's rest."""
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    tied = model.cfg.tie_embeddings
+    groups = [count(model.tok_emb, model.norm) if tied else count(model.tok_emb)]
+    groups += [count(block) for block in model.layers]
+    groups += [] if tied else [count(model.norm, model.lm_head)]
+    return groups + [count(model) - sum(groups)]
+
+
+def transient_bytes(model, args, compute_dtype):
+    """Copies of the weights that live for a step: under FSDP, two groups gathered in the compute
+    dtype (the running one and the prefetched next) and one group's unsharded fp32 gradients before
+    their reduce-scatter; under autocast, its cache of every weight cast to the compute dtype."""
+    size = compute_dtype.itemsize
+    if args.parallel == "fsdp":
+        return max(fsdp_groups(model)) * (2 * size + 4)
+    return 0 if size == 4 else size * sum(p.numel() for p in model.parameters())
+
+
+def activation_bytes(model, args, compute_dtype):
+    """Tensors saved for backward in one micro-batch, plus the loss's chunk of logits. With
+    --activation-checkpointing each block keeps only its input and one block at a time is recomputed;
+    either way backward's gradients of one block's activations come on top (counted as one block more)."""
+    cfg, tokens = model.cfg, args.batch_size * args.seq_len
+    size = compute_dtype.itemsize
+    # the residual stream's dtype: fp32 under autocast (fp32 weights), the compute dtype under FSDP's casts
+    stream = size if args.parallel == "fsdp" else 4
+    blocks = [block_bytes_per_token(block, cfg, size, stream) for block in model.layers]
+    largest = max(blocks)
+    if args.activation_checkpointing:
+        per_token = stream * cfg.n_embd * len(blocks) + 2 * largest
+    else:
+        per_token = sum(blocks) + largest
+    # final norm, the head's input in the compute dtype; the loss holds one fp32 chunk of logits and,
+    # in backward, its gradient in fp32 and in the compute dtype
+    per_token += norm_bytes(model.norm, cfg.n_embd, stream) + size * cfg.n_embd
+    chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size  # as linear_cross_entropy
+    return tokens * per_token + chunk * (4 + 4 + size)
+
+
+def norm_bytes(norm, width, stream):
+    """Per token saved by a norm: LayerNorm keeps its input; our RMSNorm (no bias) also an fp32 copy."""
+    return stream * width + (0 if getattr(norm, "bias", None) is not None else 4 * width)
+
+
+def block_bytes_per_token(block, cfg, size, stream):
+    """Bytes one token leaves saved for backward in a block, from its config (Config fields that
+    differ between models read with getattr). SDPA keeps no T x T matrix, so this is linear in T."""
+    d, q = cfg.n_embd, cfg.n_head * cfg.head_dim
+    kv = getattr(cfg, "n_kv_heads", cfg.n_head) * cfg.head_dim
+    total = norm_bytes(block.attn_norm, d, stream) + norm_bytes(block.mlp_norm, d, stream)
+    # attention: the projections' input, SDPA's q, k, v and output, and wo's input (a reshaped copy)
+    total += size * (d + 3 * q + 2 * kv)
+    if hasattr(block.attn, "q_norm"):  # QK-Norm: each an RMSNorm over the q and k heads
+        total += (4 + size) * (q + kv)
+    mlp = block.mlp
+    if hasattr(mlp, "router"):  # MoE: each token's top-k rows, gathered, through a SwiGLU expert
+        k, hidden, experts = cfg.n_experts_per_tok, cfg.moe_intermediate_size, cfg.n_experts
+        # input, gathered rows, expert gate/up/SiLU/product, weighted outputs; router probabilities
+        # and the logits kept for the balancing loss, in fp32
+        total += size * (d + k * (2 * d + 4 * hidden)) + 2 * 4 * experts
+    elif hasattr(mlp, "w3"):  # SwiGLU: input, gate, up, SiLU(gate), their product
+        total += size * (d + 4 * cfg.intermediate_size)
+    else:  # GELU MLP: input, the hidden before and after the GELU
+        total += size * (d + 2 * cfg.intermediate_size)
+    return total
+
+
+GIB = 2**30
+
+
+def gib(n):
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def describe_memory(plan, capacity, device):
+    """The start-up log's line: each term of the plan and their total against the device's memory."""
+    terms = ", ".join(f"{name} {gib(value)}" for name, value in plan.items())
+    of = f"of {gib(capacity)} ({device})" if capacity else f"({device}: not checked)"
+    return f"memory per process (estimate): {terms} = {gib(sum(plan.values()))} {of}"
+
+
+def device_memory(device):
+    """Bytes of memory of a CUDA device; None elsewhere (CPU memory is not checked)."""
+    return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+
+
+def check_memory(plan, capacity, args, world_size, device):
+    """Refuse, before anything is allocated, a run whose estimate exceeds the device's memory,
+    naming its biggest term and what would shrink it."""
+    total = sum(plan.values())
+    if capacity is None or total <= capacity:
+        return
+    biggest = max(plan, key=plan.get)
+    if biggest == "activations":
+        fix = "a smaller --batch-size or --seq-len"
+        fix += "" if args.activation_checkpointing else ", or --activation-checkpointing"
+    elif args.parallel != "fsdp":
+        fix = "--parallel fsdp, which shards weights, gradients and optimizer state over the processes"
+    else:
+        fix = f"more processes than {world_size} (e.g. torchrun --nnodes), or a smaller model"
+    raise SystemExit(
+        f"this run needs about {gib(total)} per process (estimate), more than the {gib(capacity)} of {device}; "
+        f"the biggest term is {biggest} ({gib(plan[biggest])}): try {fix}"
+    )
+
+
+# -----------------------------------------------------------------------------
 # What this model changes about training: the extension points. The loop calls them at fixed
 # places in every model's train.py; `make_optimizer` and `TrainingExtras` are the only code that
 # may differ between the copies (tests/test_copies.py checks the rest, and their signatures).
@@ -739,6 +878,10 @@ def train(args):
             f"{out_dir} already holds a run ({existing[0]}): continue it with --resume, or pass another --out-dir"
         )
 
+    with torch.device("meta"):  # shapes only: the plan is checked before anything is allocated
+        plan = memory_plan(Transformer(cfg), args, world_size, compute_dtype)
+    capacity = device_memory(device)
+    check_memory(plan, capacity, args, world_size, device)
     model, wrapped = build_model(args, cfg, device, compute_dtype)
     optimizer = make_optimizer(model, args, device)
     extras = TrainingExtras(model, args, device)
@@ -789,6 +932,7 @@ def train(args):
         f"{device} {compute_dtype} | {total_batch:,} tokens per step = {accum} micro-batch(es) of "
         f"{args.batch_size}x{args.seq_len} per process"
     )
+    log(describe_memory(plan, capacity, device))
     if args.recipe:
         given = ", ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in args.recipe.items())
         log(f"from the {args.preset} preset's published recipe (TRAINING_DEFAULTS): {given}")
