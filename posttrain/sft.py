@@ -496,6 +496,17 @@ def sequence_logps(model, ids, mask):
     return F.pad(target, (1, 0)) * mask  # position 0 is never a completion token
 
 
+def completion_part(x, mask):
+    """(B, L) values at the positions of ids -> (B, T) the completion tokens' values, each row's starting
+    at column 0 and right-padded with 0 (T: the longest completion): the layout TRL's losses take.
+    completion_part(mask, mask) is that layout's mask."""
+    starts = mask.argmax(dim=1)  # (B,) each row's first completion position
+    lengths = mask.sum(dim=1).long()  # (B,)
+    cols = torch.arange(int(lengths.max()), device=x.device)  # (T,)
+    index = (starts[:, None] + cols).clamp(max=x.size(1) - 1)  # (B, T)
+    return x.gather(1, index) * (cols < lengths[:, None])
+
+
 @torch.no_grad()
 def evaluate_reward(model, examples, tokenizer, args, rank, world_size):
     """Greedy completions of the held-out prompts (each process takes a share) -> (reward mean, std,

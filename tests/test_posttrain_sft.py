@@ -126,3 +126,9 @@ def test_two_ranks_match_one_process(tmp_path, parallel):
     assert [r["eval_reward"] for r in two if "eval_reward" in r] == [
         r["eval_reward"] for r in one if "eval_reward" in r
     ]
+
+
+def test_completion_part_aligns_each_completion_at_column_zero():
+    ids, mask = sft.collate([[1, 2, 3], [4], [5, 6]], [[7, 8], [9, 10, 11], [12]], pad_id=0, device="cpu")
+    assert sft.completion_part(ids.float(), mask).tolist() == [[7, 8, 0], [9, 10, 11], [12, 0, 0]]
+    assert sft.completion_part(mask, mask).tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
