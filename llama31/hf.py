@@ -12,13 +12,17 @@ directories; strict loading; `load` and `save`, behind `Transformer.from_pretrai
 `Transformer.save_pretrained`.
 """
 
+import functools
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .model import Config, Transformer, ffn_hidden_size
 
@@ -200,9 +204,8 @@ def read_safetensors_dir(path):
     return state
 
 
-def read_safetensors_layers(path):
-    """The directory's tensors one layer at a time, those outside the layers first: a loader that
-    converts each part and keeps only its own shard of it (train.py under FSDP) never holds more."""
+def safetensors_layer_names(path):
+    """The directory's tensor names grouped by layer, those outside the layers first: [[(file, name)]]."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -217,11 +220,71 @@ def read_safetensors_layers(path):
             for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 number = re.search(r"\.(\d+)\.", name)  # the first number is the layer's: layers.3.mlp.experts.7.
                 layers.setdefault(int(number[1]) if number else -1, []).append((f, name))
-    for _, names in sorted(layers.items()):
+    return [names for _, names in sorted(layers.items())]
+
+
+def read_safetensors_layers(path):
+    """The directory's tensors one layer at a time, those outside the layers first: a loader that
+    converts each part and keeps only its own shard of it never holds more."""
+    path = Path(path)
+    for names in safetensors_layer_names(path):
         part = {}
         for f in dict.fromkeys(f for f, _ in names):
             with safe_open(path / f, "pt") as st:  # mapped only while this layer is read
                 part.update({name: st.get_tensor(name) for g, name in names if g == f})
+        yield part
+
+
+class TouchedTensors(TorchFunctionMode):
+    """Records every tensor a torch function or Tensor method is called with: run over hf_to_ours, it
+    tells the inputs a conversion uses from those it drops (GPT-2's masks, a tied lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ids.update(id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        return func(*args, **kwargs)
+
+
+def plan_conversion(shapes, cfg):
+    """From {HF name: shape} alone (a dry run of hf_to_ours on meta tensors): {ours: HF name} for the
+    tensors passed through (renamed, or kept: lm_head, leftovers), and the HF names a transformation
+    reads. An HF tensor in neither (GPT-2's masks, a tied lm_head) is dropped and need not be read."""
+    stand_ins = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    with TouchedTensors() as touched:
+        converted = hf_to_ours(stand_ins, cfg)
+    hf_name = {id(t): name for name, t in stand_ins.items()}
+    renamed = {ours: hf_name[id(t)] for ours, t in converted.items() if id(t) in hf_name}
+    transformed = [name for name, t in stand_ins.items() if id(t) in touched.ids]
+    return renamed, transformed
+
+
+def read_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
+    """The checkpoint in our names, one layer at a time: yields {ours: (full shape, tensor)}, where
+    tensor holds only rows start:stop of dim 0 when rows_of(ours, full shape) returns (start, stop)
+    (an FSDP process's shard). A tensor that is only renamed is read as that slice from the file
+    (safetensors' get_slice), so a process never reads the other rows; one that a conversion
+    transforms (GPT-2's fused, transposed c_attn; Qwen3's per-expert matrices stacked) is read whole
+    with the rest of its layer, converted, then cut, since its rows come from several places."""
+    path = Path(path)
+    for names in safetensors_layer_names(path):
+        with ExitStack() as files:
+            opened = {f: files.enter_context(safe_open(path / f, "pt")) for f in dict.fromkeys(f for f, _ in names)}
+            slices = {name: opened[f].get_slice(name) for f, name in names}
+            whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
+            renamed, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
+            part = {}
+            for ours, theirs in renamed.items():
+                shape = torch.Size(slices[theirs].get_shape())
+                rows = rows_of(ours, shape)
+                part[ours] = (shape, slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]())
+            for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
+                if ours not in part:
+                    rows = rows_of(ours, tensor.shape)
+                    part[ours] = (tensor.shape, tensor[rows[0] : rows[1]].clone() if rows else tensor)
         yield part
 
 
@@ -404,21 +467,32 @@ def ours_to_meta(state, cfg):
     return {k: v.detach().contiguous() for k, v in meta.items()}
 
 
-def read_meta_shards(path, n_kv_heads):
-    """consolidated.00.pth, ... -> one state dict: each model-parallel slice concatenated back."""
+def open_meta_shards(path, n_kv_heads):
+    """consolidated.00.pth, ... memory-mapped (torch.load's mmap): a tensor's pages are read only
+    when touched, so taking a slice of one reads just that slice."""
     files = sorted(Path(path).glob(META_SHARDS))
     if not files:
         raise FileNotFoundError(f"no {META_SHARDS} files in {path}")
     shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
-    if len(shards) == 1:
-        return shards[0]
     if len(shards) > n_kv_heads:  # each shard's wk/wv would hold a copy of a head, in a layout we cannot check
         raise ValueError(
             f"{path}: {len(shards)} model-parallel shards but {n_kv_heads} key/value heads; reshard to at most"
             f" {n_kv_heads} (llama_models.checkpoint.reshard_mp) or use the Hugging Face conversion"
         )
+    return shards
+
+
+def read_meta_shards(path, n_kv_heads):
+    """consolidated.00.pth, ... -> one state dict: each model-parallel slice concatenated back."""
+    shards = open_meta_shards(path, n_kv_heads)
+    return shards[0] if len(shards) == 1 else merge_meta_shards(shards, list(shards[0]))
+
+
+def merge_meta_shards(shards, keys):
+    """The tensors named keys, each model-parallel slice concatenated back."""
     state = {}
-    for key, first in shards[0].items():
+    for key in keys:
+        first = shards[0][key]
         parts = [s[key] for s in shards]
         dim = META_SPLIT_DIM.get(key.split(".")[-2]) if key.endswith(".weight") and first.dim() == 2 else None
         if dim is None:  # norms: a whole copy in every shard
@@ -436,6 +510,32 @@ def load_meta(path, **overrides) -> Transformer:
     model = Transformer(cfg)
     load_state_dict_strict(model, meta_to_ours(state, cfg))
     return model
+
+
+def read_meta_config(path) -> Config:
+    """params.json -> Config, lm_head tied when the shards have no output.weight (Llama 3.2 1B/3B)."""
+    params = json.loads((Path(path) / META_PARAMS).read_text())
+    shards = open_meta_shards(path, params.get("n_kv_heads") or params["n_heads"])
+    return config_from_meta(params, tie_embeddings="output.weight" not in shards[0])
+
+
+def read_meta_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
+    """read_layers_as_ours for Meta's directory: one layer at a time from the memory-mapped shards,
+    so a process that keeps rows start:stop touches (reads) only their pages of a tensor that is
+    only renamed. wq/wk are permuted (split_pairs) and model-parallel parts concatenated, so those
+    are read whole for their layer first."""
+    shards = open_meta_shards(path, cfg.n_kv_heads)
+    layers = {}  # layer number (-1: outside the layers) -> Meta names
+    for key in shards[0]:
+        number = re.search(r"\.(\d+)\.", key)
+        layers.setdefault(int(number[1]) if number else -1, []).append(key)
+    for _, keys in sorted(layers.items()):
+        meta = {k: shards[0][k] for k in keys} if len(shards) == 1 else merge_meta_shards(shards, keys)
+        part = {}
+        for ours, tensor in meta_to_ours(meta, cfg).items():
+            rows = rows_of(ours, tensor.shape)
+            part[ours] = (tensor.shape, tensor[rows[0] : rows[1]] if rows else tensor)
+        yield part
 
 
 def save_meta(model, path):

@@ -12,13 +12,17 @@ directories; strict loading; `load` and `save`, behind `Transformer.from_pretrai
 `Transformer.save_pretrained`.
 """
 
+import functools
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .model import Config, Transformer
 
@@ -243,9 +247,8 @@ def read_safetensors_dir(path):
     return state
 
 
-def read_safetensors_layers(path):
-    """The directory's tensors one layer at a time, those outside the layers first: a loader that
-    converts each part and keeps only its own shard of it (train.py under FSDP) never holds more."""
+def safetensors_layer_names(path):
+    """The directory's tensor names grouped by layer, those outside the layers first: [[(file, name)]]."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -260,12 +263,78 @@ def read_safetensors_layers(path):
             for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 number = re.search(r"\.(\d+)\.", name)  # the first number is the layer's: layers.3.mlp.experts.7.
                 layers.setdefault(int(number[1]) if number else -1, []).append((f, name))
-    for _, names in sorted(layers.items()):
+    return [names for _, names in sorted(layers.items())]
+
+
+def read_safetensors_layers(path):
+    """The directory's tensors one layer at a time, those outside the layers first: a loader that
+    converts each part and keeps only its own shard of it never holds more."""
+    path = Path(path)
+    for names in safetensors_layer_names(path):
         part = {}
         for f in dict.fromkeys(f for f, _ in names):
             with safe_open(path / f, "pt") as st:  # mapped only while this layer is read
                 part.update({name: st.get_tensor(name) for g, name in names if g == f})
         yield part
+
+
+class TouchedTensors(TorchFunctionMode):
+    """Records every tensor a torch function or Tensor method is called with: run over hf_to_ours, it
+    tells the inputs a conversion uses from those it drops (GPT-2's masks, a tied lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ids.update(id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        return func(*args, **kwargs)
+
+
+def plan_conversion(shapes, cfg):
+    """From {HF name: shape} alone (a dry run of hf_to_ours on meta tensors): {ours: HF name} for the
+    tensors passed through (renamed, or kept: lm_head, leftovers), and the HF names a transformation
+    reads. An HF tensor in neither (GPT-2's masks, a tied lm_head) is dropped and need not be read."""
+    stand_ins = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    with TouchedTensors() as touched:
+        converted = hf_to_ours(stand_ins, cfg)
+    hf_name = {id(t): name for name, t in stand_ins.items()}
+    renamed = {ours: hf_name[id(t)] for ours, t in converted.items() if id(t) in hf_name}
+    transformed = [name for name, t in stand_ins.items() if id(t) in touched.ids]
+    return renamed, transformed
+
+
+def read_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
+    """The checkpoint in our names, one layer at a time: yields {ours: (full shape, tensor)}, where
+    tensor holds only rows start:stop of dim 0 when rows_of(ours, full shape) returns (start, stop)
+    (an FSDP process's shard). A tensor that is only renamed is read as that slice from the file
+    (safetensors' get_slice), so a process never reads the other rows; one that a conversion
+    transforms (GPT-2's fused, transposed c_attn; Qwen3's per-expert matrices stacked) is read whole
+    with the rest of its layer, converted, then cut, since its rows come from several places."""
+    path = Path(path)
+    for names in safetensors_layer_names(path):
+        with ExitStack() as files:
+            opened = {f: files.enter_context(safe_open(path / f, "pt")) for f in dict.fromkeys(f for f, _ in names)}
+            slices = {name: opened[f].get_slice(name) for f, name in names}
+            whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
+            renamed, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
+            part = {}
+            for ours, theirs in renamed.items():
+                shape = torch.Size(slices[theirs].get_shape())
+                rows = rows_of(ours, shape)
+                part[ours] = (shape, slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]())
+            for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
+                if ours not in part:
+                    rows = rows_of(ours, tensor.shape)
+                    part[ours] = (tensor.shape, tensor[rows[0] : rows[1]].clone() if rows else tensor)
+        yield part
+
+
+def is_meta_dir(path) -> bool:
+    """Whether path holds Meta's own layout (params.json + consolidated.NN.pth), which only Llama is
+    published in: never for this model, so train.py's --init-from asks for config.json."""
+    return False
 
 
 def write_safetensors_dir(path, state, max_shard_bytes=5 * 2**30):

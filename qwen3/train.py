@@ -224,8 +224,14 @@ def config_from_args(args):
 
 
 def pretrained_config(path):
-    """The Config in a Hugging Face directory's config.json, or one line saying why there is none."""
+    """The Config in a Hugging Face directory's config.json (or Meta's params.json, where this model
+    is published in Meta's layout: hf.is_meta_dir), or one line saying why there is none."""
     file = Path(path) / "config.json"
+    if hf.is_meta_dir(path):
+        try:
+            return hf.read_meta_config(path)
+        except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
+            raise SystemExit(f"--init-from {path}: not a Meta checkpoint we can read ({e})") from None
     if not file.is_file():
         raise SystemExit(f"--init-from {path}: no config.json there (expected a Hugging Face checkpoint directory)")
     ours = hf.config_to_hf(Config.from_preset("tiny"))["model_type"]
@@ -378,19 +384,39 @@ def init_parameters(model):
 
 
 def load_pretrained(model, path):
-    """--init-from: the Hugging Face checkpoint read one layer at a time (hf.read_safetensors_layers),
-    each process keeping its part of each tensor, so none holds more than a layer beyond its shard."""
+    """--init-from: the checkpoint read one layer at a time in our names (hf.read_layers_as_ours, or
+    hf.read_meta_layers_as_ours for Meta's layout), each FSDP process reading only its rows of each
+    tensor the conversion just renames: peak memory is the shard plus at most one transformed layer."""
     expected = {name: t.shape for name, t in model.state_dict().items()}
+    read_layers = hf.read_meta_layers_as_ours if hf.is_meta_dir(path) else hf.read_layers_as_ours
     found = {}
-    for part in hf.read_safetensors_layers(path):
-        for name, tensor in hf.hf_to_ours(part, model.cfg).items():
-            found[name] = tensor.shape
-            if expected.get(name) == tensor.shape:
+    for part in read_layers(path, model.cfg, functools.partial(rows_kept, model)):
+        for name, (shape, tensor) in part.items():
+            found[name] = shape
+            if expected.get(name) == shape:
                 p = model.get_parameter(name)
-                (p.to_local() if isinstance(p, DTensor) else p).copy_(local_part(tensor, p))
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(tensor)
     problems = hf.mismatches(expected, found)
     if problems:
-        raise SystemExit(f"--init-from {path}: the checkpoint does not match its config.json's model: {problems}")
+        raise SystemExit(f"--init-from {path}: the checkpoint does not match its config's model: {problems}")
+
+
+def rows_kept(model, name, shape):
+    """(start, stop): the rows of dim 0 this process keeps of parameter `name` (full shape `shape`)
+    when FSDP shards it; None when it keeps all (no FSDP, a buffer, a name the model lacks). FSDP2's
+    Shard(0) splits as torch.chunk does: ceil(rows / processes) each, the last ones short or empty."""
+    try:
+        p = model.get_parameter(name)
+    except AttributeError:
+        return None
+    if not isinstance(p, DTensor) or p.shape != shape:
+        return None
+    per_rank = math.ceil(shape[0] / p.device_mesh.size())
+    start = min(shape[0], p.device_mesh.get_local_rank() * per_rank)
+    stop = min(shape[0], start + per_rank)
+    if stop - start != p.to_local().shape[0]:  # a placement other than Shard(0)
+        raise RuntimeError(f"{name}: sharded as {p.placements}, not by rows as --init-from expects")
+    return start, stop
 
 
 def set_gradient_sync(wrapped, args, enabled):
