@@ -320,10 +320,13 @@ def read_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
             whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
             renamed, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
             part = {}
+            read = {}  # (HF name, rows) -> tensor: a tied head is the embedding's rows, read once
             for ours, theirs in renamed.items():
                 shape = torch.Size(slices[theirs].get_shape())
                 rows = rows_of(ours, shape)
-                part[ours] = (shape, slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]())
+                if (theirs, rows) not in read:
+                    read[theirs, rows] = slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]()
+                part[ours] = (shape, read[theirs, rows])
             for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
                 if ours not in part:
                     rows = rows_of(ours, tensor.shape)
