@@ -907,7 +907,8 @@ def train(args):
     with torch.device("meta"):  # shapes only: the plan is checked before anything is allocated
         plan = memory_plan(Transformer(cfg), args, world_size, compute_dtype)
     capacity = device_memory(device)
-    check_memory(plan, capacity, args, world_size, device)
+    if not args.generate:  # sampling holds the weights only, not this plan's training state
+        check_memory(plan, capacity, args, world_size, device)
     model, wrapped = build_model(args, cfg, device, compute_dtype)
     optimizer = make_optimizer(model, args, device)
     extras = TrainingExtras(model, args, device)
