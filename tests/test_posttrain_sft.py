@@ -132,3 +132,15 @@ def test_completion_part_aligns_each_completion_at_column_zero():
     ids, mask = sft.collate([[1, 2, 3], [4], [5, 6]], [[7, 8], [9, 10, 11], [12]], pad_id=0, device="cpu")
     assert sft.completion_part(ids.float(), mask).tolist() == [[7, 8, 0], [9, 10, 11], [12, 0, 0]]
     assert sft.completion_part(mask, mask).tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+
+
+def test_sampling_follows_temperature_and_top_k():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(4000, 4)
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = sft.sample_next(logits, 1.0, None, generators)
+    frequencies = torch.bincount(drawn, minlength=4) / 4000
+    assert frequencies.tolist() == pytest.approx(torch.softmax(logits[0], -1).tolist(), abs=0.03)
+    assert set(sft.sample_next(logits, 1.0, 2, generators).tolist()) == {0, 1}  # top-k 2: never the others
+    cold = torch.bincount(sft.sample_next(logits, 0.25, None, generators), minlength=4) / 4000
+    assert cold[0] > 0.95  # temperature 1/4 sharpens the distribution
+    assert torch.equal(sft.sample_next(logits[:3], 1.0, None, generators[:3]), drawn[:3])  # seeds per row
