@@ -280,45 +280,58 @@ def read_safetensors_layers(path):
 
 class TouchedTensors(TorchFunctionMode):
     """Records every tensor a torch function or Tensor method is called with: run over hf_to_ours, it
-    tells the inputs a conversion uses from those it drops (GPT-2's masks, a tied lm_head)."""
+    tells the inputs a conversion uses from those it drops (GPT-2's masks, a tied lm_head). A
+    torch.stack along dim 0 is recorded apart, as result -> inputs: row i of it is input i."""
 
     def __init__(self):
         super().__init__()
-        self.ids = set()
+        self.ids, self.stacks, self.results = set(), {}, []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.ids.update(id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func is torch.stack and not kwargs and len(args) == 1:
+            self.stacks[id(result)] = [id(t) for t in args[0]]
+            self.results.append(result)  # alive, so no later tensor reuses its id
+        else:
+            self.ids.update(id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        return result
 
 
 def plan_conversion(shapes, cfg):
     """From {HF name: shape} alone (a dry run of hf_to_ours on meta tensors): {ours: HF name} for the
-    tensors passed through (renamed, or kept: lm_head, leftovers), and the HF names a transformation
-    reads. An HF tensor in neither (GPT-2's masks, a tied lm_head) is dropped and need not be read."""
+    tensors passed through (renamed, or kept: lm_head, leftovers), {ours: [HF names]} for those
+    stacked from several (Qwen3's experts), and the HF names another transformation reads. An HF
+    tensor in none (GPT-2's masks, a tied lm_head) is dropped and need not be read."""
     stand_ins = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
     with TouchedTensors() as touched:
         converted = hf_to_ours(stand_ins, cfg)
     hf_name = {id(t): name for name, t in stand_ins.items()}
     renamed = {ours: hf_name[id(t)] for ours, t in converted.items() if id(t) in hf_name}
+    stacked = {
+        ours: [hf_name[i] for i in touched.stacks[id(t)]]
+        for ours, t in converted.items()
+        if all(i in hf_name for i in touched.stacks.get(id(t), [None]))
+    }
     transformed = [name for name, t in stand_ins.items() if id(t) in touched.ids]
-    return renamed, transformed
+    return renamed, stacked, transformed
 
 
 def read_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
     """The checkpoint in our names, one layer at a time: yields {ours: (full shape, tensor)}, where
     tensor holds only rows start:stop of dim 0 when rows_of(ours, full shape) returns (start, stop)
     (an FSDP process's shard). A tensor that is only renamed is read as that slice from the file
-    (safetensors' get_slice), so a process never reads the other rows; one that a conversion
-    transforms (GPT-2's fused, transposed c_attn; Qwen3's per-expert matrices stacked) is read whole
-    with the rest of its layer, converted, then cut, since its rows come from several places."""
+    (safetensors' get_slice), so a process never reads the other rows; of one stacked from several
+    (Qwen3's per-expert matrices) only the parts that make its rows are read. One that another
+    conversion transforms (GPT-2's fused, transposed c_attn) is read whole with the rest of its
+    layer, converted, then cut, since its rows come from several places of the file."""
     path = Path(path)
     for names in safetensors_layer_names(path):
         with ExitStack() as files:
             opened = {f: files.enter_context(safe_open(path / f, "pt")) for f in dict.fromkeys(f for f, _ in names)}
             slices = {name: opened[f].get_slice(name) for f, name in names}
             whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
-            renamed, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
+            renamed, stacked, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
             part = {}
             read = {}  # (HF name, rows) -> tensor: a tied head is the embedding's rows, read once
             for ours, theirs in renamed.items():
@@ -327,6 +340,11 @@ def read_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
                 if (theirs, rows) not in read:
                     read[theirs, rows] = slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]()
                 part[ours] = (shape, read[theirs, rows])
+            for ours, parts in stacked.items():
+                shape = torch.Size([len(parts), *slices[parts[0]].get_shape()])
+                start, stop = rows_of(ours, shape) or (0, len(parts))
+                empty = slices[parts[0]][0:0].new_empty((0, *shape[1:]))  # a process left without rows
+                part[ours] = (shape, torch.stack([whole[n]() for n in parts[start:stop]]) if stop > start else empty)
             for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
                 if ours not in part:
                     rows = rows_of(ours, tensor.shape)

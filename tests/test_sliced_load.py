@@ -66,8 +66,11 @@ def _count_reads(rank, spec, path, out):
     torch.save((counts, kept), out / f"rank{rank}.pt")
 
 
-def test_each_rank_reads_only_the_rows_it_keeps(tmp_path):
-    spec = by_name("llama31")  # every tensor of its checkpoint is renamed, none transformed (qwen3: the same code)
+# llama31: every tensor of its checkpoint is renamed (qwen3's dense layers: the same); qwen3_moe: its
+# experts, one matrix each in the files, are stacked: a rank reads only its experts
+@pytest.mark.parametrize("name", ["llama31", "qwen3_moe"])
+def test_each_rank_reads_only_the_rows_it_keeps(name, tmp_path):
+    spec = by_name(name)
     source = randomize_(spec.build(seed=3))
     source.save_pretrained(tmp_path / "hf", max_shard_bytes=20_000)
     on_ranks(_count_reads, spec, tmp_path / "hf", tmp_path)
