@@ -16,25 +16,59 @@ end; the model must reproduce every digit).
 Any model of the registry whose Config has RoPE scaling fields (`rope_type` = "yarn") works; its
 model.py does the scaling, this file only sets Config fields. The data is the bundled Shakespeare
 (shared.data's corpus), read as characters: a 50K-token BPE vocabulary would make the output head
-most of a CPU step, and characters make a passkey a plain copy of 5 digits. The passkey is made
-learnable by mixing passkey sequences (`--passkey-frac`) into both the base training and the
-fine-tuning; a model trained without them never learns to answer, at any length.
+most of a CPU step, and characters make a passkey a plain copy of 5 digits. Passkey sequences
+(`--passkey-frac`) are mixed into both the base training and the fine-tuning, and their answer
+digits get an extra loss term (`--answer-weight`): in plain next-token loss they are 1-2% of the
+tokens, and a 2-layer 64-wide model left on that signal stays at chance (ln 10 per digit) for
+thousands of steps. Evaluation passkeys are numbers that no training sequence uses, hidden in
+validation text.
+
+Under torchrun (gloo on CPU, nccl on GPU) every rank draws the same batch and keeps its stride of
+the rows, DDP averages the gradients, evaluation is split the same way and summed, and rank 0
+writes the checkpoints:
+
+    torchrun --nproc_per_node 2 posttrain/yarn.py --model llama31
 """
 
 import argparse
 import dataclasses
 import importlib
 import math
+import os
 import random
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from shared.data import SHAKESPEARE
 from tests.registry import MODELS
 
 ROPE_MODELS = sorted({m.package for m in MODELS if "rope_type" in m.model.Config.__dataclass_fields__})
+KEY_DIGITS = 5
+# Keys reserved for evaluation, never drawn in training: retrieval cannot be recall of a seen number.
+EVAL_KEYS = tuple(sorted(random.Random(2309_00071).sample(range(10**KEY_DIGITS), 2000)))
+EVAL_KEY_SET = frozenset(EVAL_KEYS)
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+def passkey_loss(logits, targets, answer, answer_weight, n_tokens, n_answer):
+    """Mean next-token cross-entropy plus answer_weight times the mean over the passkey answers'
+    digits (answer: a boolean mask like targets), an SFT-style term on top of language modelling.
+    Sums are divided by the whole batch's counts (n_tokens, n_answer) rather than this rank's, so the
+    ranks' parts add up to the one-process loss whatever share of answers each rank holds.
+    logits (B, L, V); targets, answer (B, L)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+    loss = ce.sum() / n_tokens
+    if answer_weight and n_answer:
+        loss = loss + answer_weight * ce[answer].sum() / n_answer
+    return loss
+
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -45,20 +79,76 @@ def parse_args(argv=None):
     p.add_argument("--model", default="llama31", choices=ROPE_MODELS)
     p.add_argument("--context", type=int, default=64, help="T: the base model's training context (characters)")
     p.add_argument("--factor", type=float, default=4.0, help="s: YaRN's factor; fine-tuning runs at s*T")
+    p.add_argument(
+        "--beta-fast",
+        type=float,
+        default=32.0,
+        help="YaRN's beta: dimensions turning more often than this over T are kept",
+    )
+    p.add_argument(
+        "--beta-slow", type=float, default=1.0, help="YaRN's alpha: those turning less often are divided by s"
+    )
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--base-steps", type=int, default=600, help="optimizer steps of the base training at T")
-    p.add_argument("--finetune-steps", type=int, default=100, help="optimizer steps of the fine-tuning at s*T")
-    p.add_argument("--batch-tokens", type=int, default=2048, help="tokens per step (batch = this / context)")
-    p.add_argument("--lr", type=float, default=3e-3, help="base training's peak LR; fine-tuning uses a tenth")
-    p.add_argument("--passkey-frac", type=float, default=0.25, help="share of training sequences that are passkeys")
+    p.add_argument("--base-steps", type=int, default=1200, help="optimizer steps of the base training at T")
+    p.add_argument("--finetune-steps", type=int, default=400, help="optimizer steps of the fine-tuning at s*T")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per step, all ranks (batch = this / length)")
+    p.add_argument("--lr", type=float, default=1e-3, help="base training's peak LR")
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=1e-3,
+        help="fine-tuning's peak LR: YaRN moves the positions the base's copying attention relied on,\n"
+        "and at a tenth of --lr a few hundred steps do not relearn it",
+    )
+    p.add_argument("--passkey-frac", type=float, default=0.5, help="share of training sequences that are passkeys")
+    p.add_argument(
+        "--answer-weight",
+        type=float,
+        default=1.0,
+        help="weight of the extra loss term on passkey answer digits (0: plain next-token loss)",
+    )
     p.add_argument("--eval-windows", type=int, default=16, help="validation windows per length")
     p.add_argument("--passkeys", type=int, default=30, help="passkey prompts per length")
     p.add_argument("--out-dir", default="out/yarn", help="base/ and yarn/ Hugging Face checkpoints go here")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.passkey_frac <= 1:
+        p.error(f"--passkey-frac must lie in [0, 1], got {args.passkey_frac}")
+    if args.factor < 1:
+        p.error(f"--factor must be at least 1, got {args.factor}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; otherwise this is one process
+
+
+def setup_distributed(args):
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def all_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def my_rows(n, rank, world_size):
+    """This rank's stride of a batch of n rows that every rank drew alike."""
+    if n < world_size:
+        raise SystemExit(f"a batch of {n} sequences cannot be split over {world_size} ranks: raise --batch-tokens")
+    return slice(rank, None, world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -73,6 +163,9 @@ class Chars:
     def encode(self, s):
         return [self.index[c] for c in s]
 
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
 
 def split_corpus(text, chars):
     ids = torch.tensor(chars.encode(text))
@@ -86,29 +179,42 @@ def random_windows(ids, length, n, g):
     return torch.stack([ids[s : s + length + 1] for s in starts.tolist()])
 
 
-def passkey(ids, chars, length, rng):
-    """One passkey sequence of exactly length + 1 tokens: filler (the corpus) with the key stated
-    somewhere in its first half and asked for at the end. Returns the tokens and where the
-    answer's 5 digits start."""
-    key = f"{rng.randrange(10**5):05d}"
+def draw_key(rng, for_eval):
+    if for_eval:
+        return rng.choice(EVAL_KEYS)
+    while (key := rng.randrange(10**KEY_DIGITS)) in EVAL_KEY_SET:
+        pass
+    return key
+
+
+def passkey(ids, chars, length, rng, for_eval=False):
+    """One passkey sequence of exactly length + 1 tokens: filler (the corpus) with the key stated in
+    it and asked for at the end. Returns the tokens and where the answer's digits start. Training
+    states the key anywhere, so every distance up to length is learned; evaluation (for_eval) uses
+    held-out keys stated in the first half, so the answer reaches back at least length / 2 tokens
+    and the 2T and 4T columns ask across distances never trained at T."""
+    key = f"{draw_key(rng, for_eval):0{KEY_DIGITS}d}"
     say, ask = chars.encode(f" [pass key {key}] "), chars.encode(f" pass key? {key}")
     n_filler = length + 1 - len(say) - len(ask)
     if n_filler < 2:
         raise SystemExit(f"a context of {length} cannot hold a passkey prompt ({len(say) + len(ask)} characters)")
     start = rng.randrange(len(ids) - n_filler)
     filler = ids[start : start + n_filler].tolist()
-    at = rng.randrange(max(1, n_filler // 2))
+    at = rng.randrange(max(1, n_filler // 2) if for_eval else n_filler)
     seq = filler[:at] + say + filler[at:] + ask
-    return torch.tensor(seq), len(seq) - 5
+    return torch.tensor(seq), len(seq) - KEY_DIGITS
 
 
 def batch(ids, chars, length, n, passkey_frac, g, rng):
-    """(x, y): (n, length) inputs and next-token targets, a share of them passkey sequences."""
+    """(x, y, answer): (n, length) inputs, next-token targets, and the mask of targets that are
+    passkey answer digits; a share of the rows are passkey sequences."""
     seqs = random_windows(ids, length, n, g)
+    answer = torch.zeros(n, length, dtype=torch.bool)
     for i in range(n):
         if rng.random() < passkey_frac:
-            seqs[i] = passkey(ids, chars, length, rng)[0]
-    return seqs[:, :-1], seqs[:, 1:]
+            seqs[i], at = passkey(ids, chars, length, rng)
+            answer[i, at - 1 : at - 1 + KEY_DIGITS] = True  # target t is token t + 1
+    return seqs[:, :-1], seqs[:, 1:], answer
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +231,13 @@ def with_rope(model, **rope):
 
 
 def yarn_fields(args):
-    return dict(rope_type="yarn", rope_factor=args.factor, rope_original_block_size=args.context)
+    return dict(
+        rope_type="yarn",
+        rope_factor=args.factor,
+        rope_original_block_size=args.context,
+        rope_beta_fast=args.beta_fast,
+        rope_beta_slow=args.beta_slow,
+    )
 
 
 def position_interpolation(model, s):
@@ -143,52 +255,73 @@ def position_interpolation(model, s):
 # Training and evaluation
 
 
-def train(model, ids, chars, args, length, steps, lr, seed):
-    """AdamW with warmup and cosine decay, on length-token sequences."""
+def train(model, ids, chars, args, length, steps, lr, seed, log):
+    """AdamW with warmup and cosine decay, on length-token sequences; DDP when under torchrun.
+    Returns the model and every step's loss (the whole batch's, equal on every rank)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     g, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     n = max(1, args.batch_tokens // length)
+    mine = my_rows(n, rank, world_size)
+    wrapped = DistributedDataParallel(model) if dist.is_initialized() else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 10)
     model.train()
+    losses = []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * min(1, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        x, y = batch(ids, chars, length, n, args.passkey_frac, g, rng)
-        _, loss = model(x.to(args.device), y.to(args.device))
+        x, y, answer = batch(ids, chars, length, n, args.passkey_frac, g, rng)  # alike on every rank
+        n_answer = int(answer.sum())
+        x, y, answer = (t[mine].to(args.device) for t in (x, y, answer))
+        logits, _ = wrapped(x)
+        loss = passkey_loss(logits, y, answer, args.answer_weight, n * length, n_answer)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world_size).backward()  # DDP averages gradients over ranks; the ranks' losses add up
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        losses.append(all_sum(loss.detach()).item())
         if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(f"  step {step:5d}/{steps}  loss {loss.item():.3f}")
-    return model.eval()
+            log(f"  step {step:5d}/{steps}  loss {losses[-1]:.3f}")
+    return model.eval(), losses
+
+
+def strided_mean(values_of, items, device):
+    """Mean of values_of(item) over items, each rank taking its stride and the sums all-reduced."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for item in items[rank::world_size]:
+        total += values_of(item)
+    return all_sum(total).item() / len(items)
 
 
 @torch.no_grad()
 def validation_loss(model, ids, length, n, device):
-    windows = random_windows(ids, length, n, torch.Generator().manual_seed(1234))
-    losses = [model(w[None, :-1].to(device), w[None, 1:].to(device))[1].item() for w in windows]
-    return sum(losses) / len(losses)
+    windows = list(random_windows(ids, length, n, torch.Generator().manual_seed(1234)))
+    return strided_mean(lambda w: model(w[None, :-1].to(device), w[None, 1:].to(device))[1], windows, device)
 
 
 @torch.no_grad()
 def passkey_accuracy(model, ids, chars, length, n, device):
-    """Share of prompts whose 5 answer digits are all the model's argmax (teacher-forced, which is
-    greedy decoding's answer whenever that answer is right)."""
-    rng, right = random.Random(4321), 0
-    for _ in range(n):
-        seq, at = passkey(ids, chars, length, rng)
+    """Share of prompts whose answer digits are all the model's argmax (teacher-forced, which is
+    greedy decoding's answer whenever that answer is right). model(idx) -> (logits, _)."""
+    rng = random.Random(4321)
+    prompts = [passkey(ids, chars, length, rng, for_eval=True) for _ in range(n)]
+
+    def right(prompt):
+        seq, at = prompt
         logits, _ = model(seq[None, :-1].to(device))
-        right += bool((logits[0, at - 1 : at + 4].argmax(-1).cpu() == seq[at : at + 5]).all())
-    return right / n
+        guess = logits[0, at - 1 : at - 1 + KEY_DIGITS].argmax(-1).cpu()
+        return float(torch.equal(guess, seq[at : at + KEY_DIGITS]))
+
+    return strided_mean(right, prompts, device)
 
 
-def evaluate(models, val, chars, args):
+def evaluate(models, val, chars, args, device):
     lengths = [args.context, 2 * args.context, 4 * args.context]
     rows = {}
     for name, model in models.items():
-        rows[name] = [validation_loss(model, val, L, args.eval_windows, args.device) for L in lengths] + [
-            passkey_accuracy(model, val, chars, L, args.passkeys, args.device) for L in lengths
+        rows[name] = [validation_loss(model, val, L, args.eval_windows, device) for L in lengths] + [
+            passkey_accuracy(model, val, chars, L, args.passkeys, device) for L in lengths
         ]
     header = " | ".join(f"loss {L}" for L in lengths) + " | " + " | ".join(f"passkey {L}" for L in lengths)
     lines = [f"| method | {header} |", "|---" * (1 + 2 * len(lengths)) + "|"]
@@ -198,13 +331,29 @@ def evaluate(models, val, chars, args):
     return rows, "\n".join(lines)
 
 
+def save(model, path, rank):
+    """Rank 0 writes the Hugging Face directory; the others wait for it."""
+    if rank == 0:
+        model.save_pretrained(path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # -----------------------------------------------------------------------------
 # The recipe
 
 
 def main(argv=None):
+    """Returns the table's rows, the fine-tuned model and the training losses of both stages."""
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    rank, world_size, device = setup_distributed(args)
+    args.device = device
+
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    torch.manual_seed(args.seed)  # every rank builds the same initial model
     model_py = importlib.import_module(f"{args.model}.model")
     text = SHAKESPEARE.read_text()
     chars = Chars(text)
@@ -224,16 +373,18 @@ def main(argv=None):
         rope_theta=10000.0,
         rope_factor=None,
     )
-    model = model_py.Transformer(cfg).to(args.device)
+    model = model_py.Transformer(cfg).to(device)
     t0 = time.time()
-    print(f"base training at T={T}: {model.num_params():,} parameters, {args.model}")
-    train(model, train_ids, chars, args, T, args.base_steps, args.lr, args.seed)
-    model.save_pretrained(Path(args.out_dir) / "base")
+    log(f"base training at T={T}: {model.num_params():,} parameters, {args.model}, {world_size} process(es)")
+    model, base_losses = train(model, train_ids, chars, args, T, args.base_steps, args.lr, args.seed, log)
+    save(model, Path(args.out_dir) / "base", rank)
 
-    print(f"YaRN s={s:g}: fine-tuning at s*T={int(s * T)}")
+    log(f"YaRN s={s:g}: fine-tuning at s*T={int(s * T)}")
     tuned = with_rope(model, **yarn_fields(args))
-    train(tuned, train_ids, chars, args, int(s * T), args.finetune_steps, args.lr / 10, args.seed + 1)
-    tuned.save_pretrained(Path(args.out_dir) / "yarn")  # config.json: rope_parameters {rope_type: yarn, ...}
+    tuned, tune_losses = train(
+        tuned, train_ids, chars, args, int(s * T), args.finetune_steps, args.finetune_lr, args.seed + 1, log
+    )
+    save(tuned, Path(args.out_dir) / "yarn", rank)  # config.json: rope_parameters {rope_type: yarn, ...}
 
     models = {
         "(a) original, extrapolating": model,
@@ -241,10 +392,12 @@ def main(argv=None):
         "(c) YaRN, no fine-tuning": with_rope(model, **yarn_fields(args)),
         "(d) YaRN, fine-tuned": tuned,
     }
-    rows, table = evaluate(models, val, chars, args)
-    print(f"\n{args.model}, T={T}, s={s:g}, {time.time() - t0:.0f} s\n{table}")
-    return rows, tuned
+    rows, table = evaluate(models, val, chars, args, device)
+    log(f"\n{args.model}, T={T}, s={s:g}, {world_size} process(es), {time.time() - t0:.0f} s\n{table}")
+    return rows, tuned, {"base": base_losses, "finetune": tune_losses}
 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
