@@ -391,14 +391,21 @@ def load_pretrained(model, path):
     read_layers = hf.read_meta_layers_as_ours if hf.is_meta_dir(path) else hf.read_layers_as_ours
     found = {}
     for part in read_layers(path, model.cfg, functools.partial(rows_kept, model)):
-        for name, (shape, tensor) in part.items():
-            found[name] = shape
-            if expected.get(name) == shape:
-                p = model.get_parameter(name)
-                (p.to_local() if isinstance(p, DTensor) else p).copy_(tensor)
+        found.update(copy_part(model, part, expected))
+        part.clear()  # else the loop variable keeps this layer alive while the next one is read
     problems = hf.mismatches(expected, found)
     if problems:
         raise SystemExit(f"--init-from {path}: the checkpoint does not match its config's model: {problems}")
+
+
+def copy_part(model, part, expected):
+    """Copy each tensor of part ({name: (full shape, this process's rows)}) whose shape the model
+    expects into its parameter; returns {name: full shape} for the mismatch check."""
+    for name, (shape, tensor) in part.items():
+        if expected.get(name) == shape:
+            p = model.get_parameter(name)
+            (p.to_local() if isinstance(p, DTensor) else p).copy_(tensor)
+    return {name: shape for name, (shape, _) in part.items()}
 
 
 def rows_kept(model, name, shape):
