@@ -1,10 +1,13 @@
 """Host memory of `--init-from` under FSDP: each rank's peak RSS while train.py's build_model loads a
 Hugging Face checkpoint with 2 gloo ranks (meta-device model, the checkpoint read one layer at a time,
-each rank keeping its shard), against the plain way every rank used to load it (a full random model,
-then the whole checkpoint into memory: Transformer.from_pretrained).
+each rank reading from the file only its rows of each tensor that is only renamed), against the plain
+way every rank used to load it (a full random model, then the whole checkpoint into memory:
+Transformer.from_pretrained). The peak comes at the end, when the whole shard is written: sliced
+reads cut the bytes each rank reads and the early transients (the embedding), less the peak.
 
     python -m bench.load_memory            # gpt2_medium in fp32: a 1.4 GB checkpoint (~1 min)
     python -m bench.load_memory --quick    # the tiny preset, seconds
+    python -m bench.load_memory --model llama31 --preset llama32_1b --set n_layer=4 vocab_size=32000  # 1.2 GB
 
 Each measurement runs in a freshly spawned process (a forked one would start from its parent's
 peak), and reports resource.getrusage's ru_maxrss: resident memory, file-backed pages included.
@@ -36,12 +39,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_checkpoint(model_name, preset, path, out):
+def write_checkpoint(model_name, preset, overrides, path, out):
     import torch
 
     spec = by_name(model_name)
     torch.manual_seed(0)
-    model = spec.model.Transformer(spec.model.Config.from_preset(preset))
+    model = spec.model.Transformer(spec.model.Config.from_preset(preset, **spec.train.parse_overrides(overrides)))
     model.save_pretrained(path)
     out.put((model.num_params(), sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))))
 
@@ -101,13 +104,16 @@ def main(argv=None):
     p.add_argument("--preset", help="Config preset of the checkpoint (default: gpt2_medium, or tiny with --quick)")
     p.add_argument("--quick", action="store_true", help="the tiny preset: a few-second smoke run")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="Config overrides, as train.py's")
     args = p.parse_args(argv)
     preset = args.preset or ("tiny" if args.quick else "gpt2_medium")
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        [(n_params, size)] = run(ctx, write_checkpoint, [(args.model, preset, tmp)])
+        [(n_params, size)] = run(ctx, write_checkpoint, [(args.model, preset, args.set, tmp)])
         gb = size / 1e9
-        print(f"{args.model} {preset}: {n_params:,} params, checkpoint {gb:.3f} GB (fp32 safetensors)")
+        print(
+            f"{args.model} {preset} {' '.join(args.set)}: {n_params:,} params, checkpoint {gb:.3f} GB (fp32 safetensors)"
+        )
         print(
             "peak RSS per process, MB (after importing torch -> after loading; growth as a fraction of the checkpoint)"
         )

@@ -61,8 +61,8 @@ def parse_args(argv=None):
     m.add_argument(
         "--init-from",
         metavar="DIR",
-        help="start from a Hugging Face checkpoint directory instead "
-        "(its config.json is the architecture, so not with --preset or --set)",
+        help="start from a Hugging Face checkpoint directory instead, or for Llama Meta's own (params.json + "
+        "consolidated.*.pth); its config is the architecture, so not with --preset or --set",
     )
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     m.add_argument(
