@@ -224,31 +224,36 @@ def read_layers_as_ours(path, cfg, rows_of=lambda name, shape: None):
     (Qwen3's per-expert matrices) only the parts that make its rows are read. One that another
     conversion transforms (GPT-2's fused, transposed c_attn) is read whole with the rest of its
     layer, converted, then cut, since its rows come from several places of the file."""
-    path = Path(path)
     for names in safetensors_layer_names(path):
-        with ExitStack() as files:
-            opened = {f: files.enter_context(safe_open(path / f, "pt")) for f in dict.fromkeys(f for f, _ in names)}
-            slices = {name: opened[f].get_slice(name) for f, name in names}
-            whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
-            renamed, stacked, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
-            part = {}
-            read = {}  # (HF name, rows) -> tensor: a tied head is the embedding's rows, read once
-            for ours, theirs in renamed.items():
-                shape = torch.Size(slices[theirs].get_shape())
-                rows = rows_of(ours, shape)
-                if (theirs, rows) not in read:
-                    read[theirs, rows] = slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]()
-                part[ours] = (shape, read[theirs, rows])
-            for ours, parts in stacked.items():
-                shape = torch.Size([len(parts), *slices[parts[0]].get_shape()])
-                start, stop = rows_of(ours, shape) or (0, len(parts))
-                empty = slices[parts[0]][0:0].new_empty((0, *shape[1:]))  # a process left without rows
-                part[ours] = (shape, torch.stack([whole[n]() for n in parts[start:stop]]) if stop > start else empty)
-            for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
-                if ours not in part:
-                    rows = rows_of(ours, tensor.shape)
-                    part[ours] = (tensor.shape, tensor[rows[0] : rows[1]].clone() if rows else tensor)
-        yield part
+        yield read_layer_as_ours(Path(path), names, cfg, rows_of)
+
+
+def read_layer_as_ours(path, names, cfg, rows_of):
+    """One layer of read_layers_as_ours, from [(file, HF name)]; a function of its own so that what
+    it reads is freed on return, not kept by the generator's locals while the next layer is read."""
+    with ExitStack() as files:
+        opened = {f: files.enter_context(safe_open(path / f, "pt")) for f in dict.fromkeys(f for f, _ in names)}
+        slices = {name: opened[f].get_slice(name) for f, name in names}
+        whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
+        renamed, stacked, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
+        part = {}
+        read = {}  # (HF name, rows) -> tensor: a tied head is the embedding's rows, read once
+        for ours, theirs in renamed.items():
+            shape = torch.Size(slices[theirs].get_shape())
+            rows = rows_of(ours, shape)
+            if (theirs, rows) not in read:
+                read[theirs, rows] = slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]()
+            part[ours] = (shape, read[theirs, rows])
+        for ours, parts in stacked.items():
+            shape = torch.Size([len(parts), *slices[parts[0]].get_shape()])
+            start, stop = rows_of(ours, shape) or (0, len(parts))
+            empty = slices[parts[0]][0:0].new_empty((0, *shape[1:]))  # a process left without rows
+            part[ours] = (shape, torch.stack([whole[n]() for n in parts[start:stop]]) if stop > start else empty)
+        for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
+            if ours not in part:
+                rows = rows_of(ours, tensor.shape)
+                part[ours] = (tensor.shape, tensor[rows[0] : rows[1]].clone() if rows else tensor)
+    return part
 
 
 def is_meta_dir(path) -> bool:
