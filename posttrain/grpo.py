@@ -759,11 +759,12 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             stats.append(update_stats(loss.detach(), logps.detach(), old, ref, advantages, cmask, args))
         row = dict(step=step + 1, lr=lr, grad_norm=grad_norm, **average_stats(stats, world_size))
-        row.update(reward_stats(rewards, cmask, world_size))
+        row.update(reward_stats(rewards))
         if not math.isfinite(row["loss"]):
             raise SystemExit(f"loss is {row['loss']} at step {step + 1}: stopping without saving")
         if samples:
-            write_completions(samples, step + 1, prompts, texts, rewards, advantages, args.group_size)
+            tokens_of = [row[: int(n)] for row, n in zip(completion_part(ids, mask).tolist(), cmask.sum(-1).tolist())]
+            write_completions(samples, step + 1, prompts, tokens_of, texts, rewards, advantages, args.group_size)
         tokens += all_sum(torch.tensor(ids.numel())).item()
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             row["tokens_per_s"] = tokens / (time.perf_counter() - t0)
@@ -864,7 +865,7 @@ def average_stats(stats, world_size):
     )
 
 
-def reward_stats(rewards, cmask, world_size):
+def reward_stats(rewards):
     everyone = all_gather(rewards)
     return dict(reward=everyone.mean().item(), reward_std=everyone.std().item() if everyone.numel() > 1 else 0.0)
 
@@ -876,11 +877,11 @@ def open_completions(args, is_main):
     return open(Path(args.out_dir) / "completions.jsonl", "w")  # noqa: SIM115 (closed at the end)
 
 
-def write_completions(file, step, prompts, texts, rewards, advantages, group_size):
-    """Rank 0's rollouts, one row per completion, in the order the loss saw them."""
-    for i, (text, reward, advantage) in enumerate(zip(texts, rewards.tolist(), advantages.tolist())):
-        row = dict(step=step, prompt=prompts[i // group_size], completion=text, reward=reward, advantage=advantage)
-        file.write(json.dumps(row) + "\n")
+def write_completions(file, step, prompts, completions, texts, rewards, advantages, group_size):
+    """Rank 0's rollouts, one row per completion (its token ids too), in the order the loss saw them."""
+    for i, (ids, text, reward, advantage) in enumerate(zip(completions, texts, rewards.tolist(), advantages.tolist())):
+        row = dict(step=step, prompt=prompts[i // group_size], completion=text, completion_ids=ids)
+        file.write(json.dumps(row | dict(reward=reward, advantage=advantage)) + "\n")
     file.flush()
 
 
