@@ -40,7 +40,7 @@ def policy_dir(tmp_path_factory):
 def grpo_args(policy_dir, out_dir, *extra):
     """A few seconds of GRPO of that policy, rewarded by completion_length."""
     return [str(a) for a in [
-        "--init-from", policy_dir, "--out-dir", out_dir, "--device", "cpu", "--steps", "2", "--batch-size", "2",
+        "--model", "gpt2", "--init-from", policy_dir, "--out-dir", out_dir, "--device", "cpu", "--steps", "2", "--batch-size", "2",
         "--group-size", "4", "--eval-prompts", "2", "--eval-every", "0", "--max-new-tokens", "4", "--lr", "1e-3",
         "--warmup-steps", "1", "--log-every", "1", "--reward", f"{__name__}.completion_length", *extra,
     ]]  # fmt: skip

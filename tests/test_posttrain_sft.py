@@ -88,7 +88,7 @@ def test_loss_counts_completion_tokens_only():
 def sft_args(out_dir, *extra):
     """A few seconds of SFT of the registry's small GPT-2 (GPT-2's vocabulary) on the reverse task."""
     return [str(a) for a in [
-        "--init-from", "none", "--out-dir", out_dir, "--device", "cpu", "--steps", "2", "--batch-size", "4",
+        "--model", "gpt2", "--init-from", "none", "--out-dir", out_dir, "--device", "cpu", "--steps", "2", "--batch-size", "4",
         "--eval-prompts", "4", "--eval-every", "0", "--max-new-tokens", "4", "--lr", "1e-2", "--warmup-steps", "1",
         "--log-every", "1", *extra,
     ]]  # fmt: skip
