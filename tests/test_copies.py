@@ -40,6 +40,13 @@ COPIES = {
     "hf.load_state_dict_strict": ["gpt2", "llama31", "qwen3"],
     "hf.load": ["gpt2", "qwen3"],  # llama31 also reads Meta's own format
     "hf.save": ["gpt2", "llama31", "qwen3"],
+    "hf.safetensors_layer_names": ["gpt2", "llama31", "qwen3"],
+    "hf.read_safetensors_layers": ["gpt2", "llama31", "qwen3"],
+    "hf.TouchedTensors": ["gpt2", "llama31", "qwen3"],
+    "hf.plan_conversion": ["gpt2", "llama31", "qwen3"],
+    "hf.read_layer_as_ours": ["gpt2", "llama31", "qwen3"],
+    "hf.read_layers_as_ours": ["gpt2", "llama31", "qwen3"],
+    "hf.is_meta_dir": ["gpt2", "qwen3"],  # llama31 recognises Meta's layout
 }
 
 
