@@ -91,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--base-steps", type=int, default=1200, help="optimizer steps of the base training at T")
-    p.add_argument("--finetune-steps", type=int, default=400, help="optimizer steps of the fine-tuning at s*T")
+    p.add_argument("--base-steps", type=int, default=2000, help="optimizer steps of the base training at T")
+    p.add_argument("--finetune-steps", type=int, default=600, help="optimizer steps of the fine-tuning at s*T")
     p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per step, all ranks (batch = this / length)")
     p.add_argument("--lr", type=float, default=1e-3, help="base training's peak LR")
     p.add_argument(
