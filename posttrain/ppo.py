@@ -279,6 +279,9 @@ def parse_args(argv=None):
     check_args(args, p, rules)
     if args.batch_size % args.minibatches:
         p.error(f"--batch-size {args.batch_size} does not split into --minibatches {args.minibatches}")
+    # the ratios and the KL use the policy's own log-probs (sequence_logps): the samples must come from it
+    if args.temperature != 1.0 or args.top_k is not None:
+        p.error("PPO samples from the policy itself: leave --temperature at 1 and --top-k unset")
     return args
 
 
@@ -712,7 +715,7 @@ def train(args):
             metrics.flush()
 
     before = report_reward(model, examples, tokenizer, args, rank, world_size, 0, record, log)
-    after, t0, tokens, lr = before, time.perf_counter(), 0, lr_at(0, args)
+    after, t0, tokens = before, time.perf_counter(), 0
     for step in range(args.steps):
         # every process draws the same global prompts and samples its share: prompt j goes to rank j % world
         prompts = [prompt for prompt, _ in examples.batch(args.batch_size)][rank::world_size]

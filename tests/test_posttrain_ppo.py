@@ -37,7 +37,7 @@ def policy(tmp_path_factory):
 def ppo_args(out_dir, policy, *extra):
     """A few seconds of PPO: 8 completions per step, 2 epochs of 2 minibatches."""
     return [str(a) for a in [
-        "--init-from", policy, "--out-dir", out_dir, "--device", "cpu", "--steps", "1", "--batch-size", "8",
+        "--model", "gpt2", "--init-from", policy, "--out-dir", out_dir, "--device", "cpu", "--steps", "1", "--batch-size", "8",
         "--minibatches", "2", "--ppo-epochs", "2", "--eval-prompts", "2", "--eval-every", "0",
         "--max-new-tokens", "5", "--lr", "1e-2", "--warmup-steps", "0", "--log-every", "1",
         "--reward", "tests.test_posttrain_ppo.letter_variety", *extra,
