@@ -710,6 +710,8 @@ def train(args):
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of the {world_size} processes")
     tokenizer = open_tokenizer(args)
     examples = Preferences(args)
+    if len(examples.eval_pairs) < world_size:  # every process scores a share of them in one forward
+        raise SystemExit(f"--eval-prompts {args.eval_prompts}: fewer held-out pairs than the {world_size} processes")
     model, source = load_policy(args, tokenizer, log)
     check_lengths([tokenizer.encode(p) for p in examples.eval_prompts], args, model.cfg.block_size)
     # precomputed reference log-probs in the data replace the reference model
