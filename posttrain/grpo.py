@@ -104,8 +104,10 @@ def grpo_loss(
     logps, old_logps, ref_logps: (B, T) log-probs of the sampled tokens under the policy being
     trained, the policy that sampled them (None: on-policy, the same values detached) and the
     reference (read only when beta > 0). advantages: (B,) (or (B, T)). mask: (B, T) 0/1.
-    max_completion_length: dr_grpo's constant (default T). num_items_in_batch: dapo's token count
-    over the whole generation batch, all ranks (default: this batch's mask.sum()).
+    max_completion_length: dr_grpo's constant (default T). num_items_in_batch: dapo's denominator,
+    the loss being this batch's masked sum / num_items_in_batch (default: this batch's mask.sum()).
+    For the token mean over a generation batch split across P ranks whose gradients DDP averages,
+    pass its token count / P, as TRL 1.16 divides num_items_in_batch by num_processes.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"grpo_loss: loss_type {loss_type!r} is not one of {GRPO_LOSS_TYPES}")
