@@ -787,8 +787,9 @@ def train(args):
 class ValueHead(torch.nn.Module):
     """V(s): a scalar from the policy's final hidden state (after its last norm), one per position. It shares
     the policy's trunk (one model, two heads), as InstructGPT's value function is a copy of the reward model
-    and TRL's a separate network: sharing halves the memory and the forwards, at the cost of the value
-    loss also moving the trunk (--vf-coef weighs it). Zero at first, so the first returns are the rewards."""
+    and TRL's a separate network initialised from it: sharing halves the memory and the forwards, at the
+    cost of the value loss also moving the trunk (--vf-coef weighs it). Zero at first: no reward model to
+    start from, and a random head would only add noise to the first advantages."""
 
     def __init__(self, n_embd):
         super().__init__()
