@@ -263,9 +263,9 @@ def check_args(args, p, rules=()):
 def parse_args(argv=None):
     p = common_parser(__doc__)
     g = p.add_argument_group("PPO")
-    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each rollout batch (TRL's num_ppo_epochs)")
+    g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch (TRL's num_ppo_epochs)")
     g.add_argument(
-        "--minibatches", type=int, default=4, help="updates per pass: the batch is shuffled and cut into this many"
+        "--minibatches", type=int, default=2, help="updates per pass: the batch is shuffled and cut into this many"
     )
     g.add_argument("--kl-coef", type=float, default=0.05, help="per-token KL penalty to the frozen initial policy")
     g.add_argument("--kl-estimator", default="k1", choices=("k1", "k3"), help="k1: log-ratio; k3: unbiased, >= 0")
@@ -275,7 +275,7 @@ def parse_args(argv=None):
     g.add_argument("--gamma", type=float, default=1.0, help="discount (1: the score counts wholly at every token)")
     g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda: bias (0) to variance (1)")
     # the SFT run's output: PPO needs a policy whose samples already earn some reward
-    p.set_defaults(init_from="out/sft", steps=60, batch_size=64, lr=2e-4, out_dir="out/ppo")
+    p.set_defaults(init_from="out/sft", steps=80, batch_size=64, lr=1e-3, out_dir="out/ppo")
     args = p.parse_args(argv)
     rules = [
         ("ppo_epochs", lambda v: v >= 0, "0 or more"),
