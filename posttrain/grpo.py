@@ -292,7 +292,7 @@ def parse_args(argv=None):
     g.add_argument("--scale-rewards", default="group", choices=("group", "batch", "none"), help="advantage std")
     g.add_argument("--log-completions", action="store_true", help="write every rollout to completions.jsonl")
     # the SFT run's output: GRPO needs a policy whose samples already earn some reward
-    p.set_defaults(init_from="out/sft", steps=60, batch_size=8, lr=2e-4, temperature=1.0, out_dir="out/grpo")
+    p.set_defaults(init_from="out/sft", steps=30, batch_size=16, lr=3e-4, temperature=1.0, out_dir="out/grpo")
     args = p.parse_args(argv)
     rules = [
         ("group_size", lambda v: v >= 2, "at least 2 (advantages compare a group's completions)"),
@@ -802,6 +802,11 @@ def train(args):
             after = report_reward(model, examples, tokenizer, args, rank, world_size, step + 1, record, log)
     save(model, optimizer, args, rank, step=args.steps, extra={"reward_before": before, "reward_after": after}, log=log)
     log(f"exact-match reward on {len(examples.eval_prompts)} held-out prompts: {before:.3f} -> {after:.3f}")
+    sampled = [row["reward"] for row in history if "reward" in row]
+    k = max(1, len(sampled) // 5)  # the first and last fifths of the run: one step's reward is noisy
+    log(
+        f"rollout reward (sampled), first {k} -> last {k} steps: {sum(sampled[:k]) / k:.3f} -> {sum(sampled[-k:]) / k:.3f}"
+    )
     for file in (metrics, samples):
         if file:
             file.close()
