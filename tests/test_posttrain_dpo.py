@@ -4,7 +4,6 @@ data refused in one line), and a short run raises preference accuracy and reward
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from posttrain import dpo
 from shared.tokenizer import load_tokenizer
 from tests.registry import MODELS
-from tests.train_helpers import fork_ranks, metrics
+from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
 
@@ -139,18 +138,10 @@ def dpo_args(out_dir, *extra):
     ]]  # fmt: skip
 
 
-def _rank_main(rank, world_size, port, args):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    dpo.main(args)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, parallel):
     one = dpo.main(dpo_args(tmp_path / "one"))
-    fork_ranks(_rank_main, dpo_args(tmp_path / "two", "--parallel", parallel))
+    main_on_ranks(dpo.main, *dpo_args(tmp_path / "two", "--parallel", parallel))
     two = metrics(tmp_path / "two")
     # float32 sums in another order: summed log-probs agree to about 1e-5 relative
     for key in ("loss", "accuracy", "margin", "eval_accuracy", "eval_margin"):

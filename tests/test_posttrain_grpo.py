@@ -3,14 +3,13 @@
 TRL in tests/test_posttrain_losses.py."""
 
 import json
-import os
 
 import pytest
 import torch
 
 from posttrain import grpo
 from tests.registry import MODELS
-from tests.train_helpers import fork_ranks, metrics
+from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
 
@@ -87,20 +86,12 @@ def test_logged_loss_is_grpo_loss_of_the_logged_rollouts(policy_dir, tmp_path, l
     assert step["reward"] == pytest.approx(rewards.mean().item(), rel=1e-6)
 
 
-def _rank_main(rank, world_size, port, args):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    grpo.main(args)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(policy_dir, tmp_path, parallel):
     """Two steps of two clipped updates each, with the KL term: each process samples whole groups from
     per-completion seeds, so the batch, and hence every loss, is one process's."""
     one = grpo.main(grpo_args(policy_dir, tmp_path / "one"))
-    fork_ranks(_rank_main, grpo_args(policy_dir, tmp_path / "two", "--parallel", parallel))
+    main_on_ranks(grpo.main, *grpo_args(policy_dir, tmp_path / "two", "--parallel", parallel))
     two = [r for r in metrics(tmp_path / "two") if "loss" in r]
     one = [r for r in one if "loss" in r]
     for name in ("loss", "reward", "kl", "clip_fraction", "entropy", "completion_length"):

@@ -3,7 +3,6 @@ score after each completion's last token, the minibatch's rows), the value head 
 each token and learns, --ppo-epochs 0 leaves the policy alone, and 2 gloo ranks give one process's run."""
 
 import dataclasses
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from posttrain import ppo
 from tests.registry import MODELS
-from tests.train_helpers import fork_ranks, metrics
+from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
 EOT = 50256  # GPT-2's <|endoftext|>, the rollouts' stop token
@@ -126,18 +125,10 @@ def test_no_epochs_leave_the_policy_and_updates_train_both_heads(tmp_path, polic
     assert all((v != 0).any() for v in torch.load(tmp_path / "one" / "value_head.pt").values())
 
 
-def _rank_main(rank, world_size, port, args):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    ppo.main(args)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, policy, parallel):
     one = ppo.main(ppo_args(tmp_path / "one", policy, "--steps", "2"))
-    fork_ranks(_rank_main, ppo_args(tmp_path / "two", policy, "--steps", "2", "--parallel", parallel))
+    main_on_ranks(ppo.main, *ppo_args(tmp_path / "two", policy, "--steps", "2", "--parallel", parallel))
     two = metrics(tmp_path / "two")
     for key in ("reward", "kl", "policy_loss", "value_loss", "clip_fraction", "entropy"):
         assert [r[key] for r in two if key in r] == pytest.approx([r[key] for r in one if key in r], rel=1e-4, abs=1e-6)

@@ -1,7 +1,6 @@
 """posttrain/sft.py: batched rollouts with the KV cache, per-sequence EOS, completion-only loss, a short
 run, its checkpoints, and 2 gloo ranks against one process."""
 
-import os
 import random
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from posttrain import sft
 from tests.registry import MODELS
-from tests.train_helpers import fork_ranks, metrics
+from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
 
@@ -109,18 +108,10 @@ def test_short_run_lowers_loss_and_its_checkpoints_reload(tmp_path):
     assert sft.main(sft_args(tmp_path / "again", "--init-from", tmp_path, "--steps", "1"))
 
 
-def _rank_main(rank, world_size, port, args):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    sft.main(args)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, parallel):
     one = sft.main(sft_args(tmp_path / "one"))
-    fork_ranks(_rank_main, sft_args(tmp_path / "two", "--parallel", parallel))
+    main_on_ranks(sft.main, *sft_args(tmp_path / "two", "--parallel", parallel))
     two = metrics(tmp_path / "two")
     assert [r["loss"] for r in two if "loss" in r] == pytest.approx([r["loss"] for r in one if "loss" in r], rel=1e-5)
     assert [r["eval_reward"] for r in two if "eval_reward" in r] == [

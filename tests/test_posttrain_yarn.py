@@ -3,7 +3,6 @@ beats the original one extrapolating at 4T, and its checkpoint reloads with its 
 harness scores the right answer 100% and a wrong digit 0%; 2 gloo ranks train as one process does."""
 
 import json
-import os
 import random
 import re
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from registry import by_name
-from train_helpers import fork_ranks
+from train_helpers import fork_ranks, torchrun_environment
 
 TINY = ["--context", "48", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--batch-tokens", "768"]
 TINY += ["--base-steps", "120", "--finetune-steps", "30", "--eval-windows", "6", "--passkeys", "4"]
@@ -82,14 +81,11 @@ DDP += ["--passkeys", "3", "--passkey-frac", "0.5"]
 
 
 def _yarn_rank(rank, world_size, port, args, result):
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    torchrun_environment(rank, world_size, port)
     import torch.distributed as dist
 
     from posttrain import yarn
 
-    torch.set_num_threads(1)
     rows, _, history = yarn.main(args)
     if rank == 0:
         result.write_text(json.dumps({"rows": rows, "history": history}))

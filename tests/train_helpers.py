@@ -76,7 +76,13 @@ def run_ranks(spec, *args, nproc=2):
     """torchrun's job, done with forked processes: each rank gets the environment torchrun would
     set and calls main(). Forking skips re-importing torch per rank, which keeps the suite fast;
     test_distributed.py also launches the real torchrun once."""
-    fork_ranks(_rank_main, spec, [str(a) for a in args], nproc=nproc)
+    main_on_ranks(spec.train.main, *args, nproc=nproc)
+
+
+def main_on_ranks(main, *args, nproc=2):
+    """main(args) on nproc forked gloo ranks, each with torchrun's environment (see run_ranks): for
+    train.py and the post-training scripts alike."""
+    fork_ranks(_rank_main, main, [str(a) for a in args], nproc=nproc)
 
 
 def fork_ranks(target, *args, nproc=2, timeout=300):
@@ -90,14 +96,19 @@ def fork_ranks(target, *args, nproc=2, timeout=300):
     assert [p.exitcode for p in procs] == [0] * nproc, "a rank failed; its traceback is in the captured stderr"
 
 
-def _rank_main(rank, world_size, port, spec, args):
+def torchrun_environment(rank, world_size, port):
+    """The variables torchrun sets for one rank of a single-machine job."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     import torch
 
-    torch.set_num_threads(1)  # two ranks share the machine's cores
-    spec.train.main(args)
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+
+
+def _rank_main(rank, world_size, port, main, args):
+    torchrun_environment(rank, world_size, port)
+    main(args)
 
 
 def free_port():
