@@ -660,11 +660,12 @@ def everyone_done(done):
     return all_sum(left).item() == 0
 
 
-def sequence_logps(model, ids, mask):
+def sequence_logps(model, ids, mask, temperature=1.0):
     """log p(ids[t] | ids[<t]) for each position where mask (B, L) is 1, 0 elsewhere: (B, L) float32.
     One forward over the whole right-padded sequences (what the update differentiates); the rollout's
-    sampling never enters the gradient."""
-    logits = model(ids[:, :-1])[0].float()  # (B, L-1, vocab)
+    sampling never enters the gradient. p is the distribution the rollout sampled from, the logits
+    divided by its temperature, as TRL's log-probs are (its top-k cut is not applied, as in TRL)."""
+    logits = model(ids[:, :-1])[0].float() / temperature  # (B, L-1, vocab)
     target = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, L-1)
     return F.pad(target, (1, 0)) * mask  # position 0 is never a completion token
 

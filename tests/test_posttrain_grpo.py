@@ -49,7 +49,8 @@ def grpo_args(policy_dir, out_dir, *extra):
     "level, loss_type", [("token", "dapo"), ("sequence", "grpo"), ("token", "dr_grpo")], ids=lambda v: v
 )
 def test_logged_loss_is_grpo_loss_of_the_logged_rollouts(policy_dir, tmp_path, level, loss_type):
-    extra = ["--steps", "1", "--num-iterations", "1", "--beta", "0.04", "--log-completions"]
+    # --temperature 1.5: the log-probs are the sampling distribution's (logits / T), not the policy's at T = 1
+    extra = ["--steps", "1", "--num-iterations", "1", "--beta", "0.04", "--log-completions", "--temperature", "1.5"]
     extra += ["--importance-sampling-level", level, "--loss-type", loss_type]
     rows = grpo.main(grpo_args(policy_dir, tmp_path, *extra))
     logged = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
@@ -62,7 +63,7 @@ def test_logged_loss_is_grpo_loss_of_the_logged_rollouts(policy_dir, tmp_path, l
     rewards = torch.tensor(completion_length(None, texts))
     assert rewards.tolist() == [r["reward"] for r in logged]
     policy = GPT2.model.Transformer.from_pretrained(policy_dir)
-    logps = grpo.completion_part(grpo.sequence_logps(policy, ids, mask), mask)
+    logps = grpo.completion_part(grpo.sequence_logps(policy, ids, mask, temperature=1.5), mask)
     cmask = grpo.completion_part(mask, mask)
     loss = grpo.grpo_loss(
         logps,

@@ -59,6 +59,11 @@ def test_sequence_logps_are_the_sampled_tokens_logprobs():
         got = logps[i][mask[i] == 1].tolist()
         assert got == pytest.approx(expected, abs=1e-5)
     assert (logps[mask == 0] == 0).all()
+    hot = sft.sequence_logps(model, ids, mask, temperature=2.0)  # the rollout's distribution: logits / T
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        logits = (model(torch.tensor([p + c])[:, :-1])[0] / 2.0).log_softmax(-1)[0]
+        expected = [logits[len(p) - 1 + j, t].item() for j, t in enumerate(c)]
+        assert hot[i][mask[i] == 1].tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_loss_counts_completion_tokens_only():
