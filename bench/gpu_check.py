@@ -1,0 +1,97 @@
+"""One GPU's check of train.py: a few bf16 steps of real presets, printing train.py's memory
+estimate (its start-up "memory per process (estimate)" line) beside the peak CUDA memory the run
+really allocated, and its tokens/s and MFU. Nothing is asserted; the lead runs it on a lent GPU.
+
+    python -m bench.gpu_check                   # all runs below, ~3 minutes on an H100
+    python -m bench.gpu_check --only gpt2       # the runs whose name starts with gpt2
+"""
+
+import argparse
+import contextlib
+import importlib
+import io
+import re
+import shutil
+import tempfile
+import time
+
+import torch
+
+# (name, package, train.py arguments): bf16 autocast, one process; --max-steps small, no sample
+RUNS = [
+    ("gpt2 124M compile", "gpt2", "--preset gpt2 --batch-size 16 --seq-len 1024 --compile"),
+    ("llama32_1b", "llama31", "--preset llama32_1b --batch-size 4 --seq-len 2048"),
+    ("qwen3_0_6b", "qwen3", "--preset qwen3_0_6b --batch-size 4 --seq-len 2048"),
+    ("qwen3_0_6b act. ckpt", "qwen3", "--preset qwen3_0_6b --batch-size 8 --seq-len 2048 --activation-checkpointing"),
+    # the 30B-A3B's MoE layers (128 experts, 8 per token, grouped matmuls) with 2 layers and GPT-2's vocabulary
+    (
+        "qwen3_30b_a3b 2 layers",
+        "qwen3",
+        "--preset qwen3_30b_a3b --set n_layer=2 --set vocab_size=50304 --batch-size 4 --seq-len 2048",
+    ),
+]
+COMMON = (
+    "--max-steps 10 --warmup-steps 2 --log-every 5 --eval-every 0 --eval-steps 2 --sample-tokens 0 --dtype bfloat16"
+)
+GIB = 2**30
+
+
+def run(package, arguments):
+    """train.main on these arguments -> (its printed output, peak bytes allocated, seconds)."""
+    train = importlib.import_module(f"{package}.train")
+    out_dir = tempfile.mkdtemp(prefix="gpu_check_")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    printed = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(printed):
+            train.main(f"{arguments} {COMMON} --out-dir {out_dir}".split())
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return printed.getvalue(), torch.cuda.max_memory_allocated(), time.perf_counter() - t0
+
+
+def estimate_gib(text):
+    match = re.search(r"memory per process \(estimate\): (.*) = ([\d.]+) (GiB|MiB)", text)
+    if not match:
+        return None, ""
+    total = float(match.group(2)) / (1 if match.group(3) == "GiB" else 1024)
+    return total, match.group(1)
+
+
+def last_speed(text):
+    lines = [line for line in text.splitlines() if "tok/s" in line]
+    if not lines:
+        return "-"
+    match = re.search(r"([\d,]+) tok/s(?: \| MFU ([\d.]+)%)?", lines[-1])
+    return f"{match.group(1)} tok/s" + (f", MFU {match.group(2)}%" if match.group(2) else "")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="run only the runs whose name starts with this")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.gpu_check needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    rows = []
+    for name, package, arguments in RUNS:
+        if not name.startswith(args.only):
+            continue
+        try:
+            text, peak, seconds = run(package, arguments)
+        except Exception as e:  # one failing run must not hide the others' figures
+            rows.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | | |")
+            print(rows[-1], flush=True)
+            continue
+        total, terms = estimate_gib(text)
+        ratio = f"{total * GIB / peak:.2f}x" if total else "-"
+        rows.append(f"| {name} | {total:.1f} GiB ({terms}) | {peak / GIB:.1f} GiB | {ratio} | {last_speed(text)} |")
+        print(rows[-1], f"({seconds:.0f} s)", flush=True)
+    print("\n| run | estimate | peak allocated | estimate / peak | speed (last log line) |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
