@@ -352,8 +352,8 @@ def build_model(args, cfg, device, compute_dtype):
 
 def shard_model(model, compute_dtype):
     """FSDP2 groups, each gathered just before its forward and freed after: the embedding, each block,
-    the final norm with the head, and a root for what is left (GPT-2's positions). A tied head shares
-    the embedding's matrix, and so its group."""
+    each multi-token-prediction module (DeepSeek-V3's model.mtp), the final norm with the head, and a root
+    for what is left (GPT-2's positions). A tied head shares the embedding's matrix, and so its group."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # params stored in fp32 and gathered in the compute dtype; gradients reduced in fp32
@@ -362,9 +362,16 @@ def shard_model(model, compute_dtype):
     fully_shard([model.tok_emb, *head] if model.cfg.tie_embeddings else model.tok_emb, mp_policy=mp)
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
+    for module in mtp_modules(model):  # a block of its own and its projections, run after the main blocks
+        fully_shard(module, mp_policy=mp)
     if not model.cfg.tie_embeddings:
         fully_shard(head, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+
+
+def mtp_modules(model):
+    """The model's multi-token-prediction modules (DeepSeek-V3 report sec. 2.2), in order; none elsewhere."""
+    return list(getattr(model, "mtp", None) or ())
 
 
 def local_part(full, param):
@@ -470,11 +477,11 @@ def local_numel(param, shards):
 
 def fsdp_groups(model):
     """Parameters in each FSDP2 group of shard_model: the embedding (with the head when tied), each
-    block, the final norm with the head, and the root's rest."""
+    block, each MTP module, the final norm with the head, and the root's rest."""
     count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
     tied = model.cfg.tie_embeddings
     groups = [count(model.tok_emb, model.norm) if tied else count(model.tok_emb)]
-    groups += [count(block) for block in model.layers]
+    groups += [count(block) for block in model.layers] + [count(module) for module in mtp_modules(model)]
     groups += [] if tied else [count(model.norm, model.lm_head)]
     return groups + [count(model) - sum(groups)]
 
@@ -506,8 +513,19 @@ def activation_bytes(model, args, compute_dtype):
     # final norm, the head's input in the compute dtype; the loss holds one fp32 chunk of logits and,
     # in backward, its gradient in fp32 and in the compute dtype
     per_token += norm_bytes(model.norm, cfg.n_embd, stream) + size * cfg.n_embd
+    per_token += sum(mtp_bytes_per_token(module, cfg, size, stream) for module in mtp_modules(model))
     chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size  # as linear_cross_entropy
     return tokens * per_token + chunk * (4 + 4 + size)
+
+
+def mtp_bytes_per_token(module, cfg, size, stream):
+    """Bytes one token leaves saved in a multi-token-prediction module (DeepSeek-V3 sec. 2.2, eq. 21-23):
+    the two norms, eh_proj's input (both halves), a block (never checkpointed), its final norm and the
+    shared head's input. Its loss reuses the main loss's chunk of logits, one at a time."""
+    d = cfg.n_embd
+    total = norm_bytes(module.enorm, d, stream) + norm_bytes(module.hnorm, d, stream) + size * 2 * d
+    total += block_bytes_per_token(module.block, cfg, size, stream)
+    return total + norm_bytes(module.norm, d, stream) + size * d
 
 
 def norm_bytes(norm, width, stream):
@@ -518,23 +536,39 @@ def norm_bytes(norm, width, stream):
 def block_bytes_per_token(block, cfg, size, stream):
     """Bytes one token leaves saved for backward in a block, from its config (Config fields that
     differ between models read with getattr). SDPA keeps no T x T matrix, so this is linear in T."""
-    d, q = cfg.n_embd, cfg.n_head * cfg.head_dim
-    kv = getattr(cfg, "n_kv_heads", cfg.n_head) * cfg.head_dim
+    d = cfg.n_embd
     total = norm_bytes(block.attn_norm, d, stream) + norm_bytes(block.mlp_norm, d, stream)
-    # attention: the projections' input, SDPA's q, k, v and output, and wo's input (a reshaped copy)
-    total += size * (d + 3 * q + 2 * kv)
-    if hasattr(block.attn, "q_norm"):  # QK-Norm: each an RMSNorm over the q and k heads
-        total += (4 + size) * (q + kv)
+    total += attention_bytes_per_token(block.attn, cfg, size)
     mlp = block.mlp
     if hasattr(mlp, "router"):  # MoE: each token's top-k rows, gathered, through a SwiGLU expert
         k, hidden, experts = cfg.n_experts_per_tok, cfg.moe_intermediate_size, cfg.n_experts
         # input, gathered rows, expert gate/up/SiLU/product, weighted outputs; router probabilities
         # and the logits kept for the balancing loss, in fp32
         total += size * (d + k * (2 * d + 4 * hidden)) + 2 * 4 * experts
+        # DeepSeekMoE's shared experts: one SwiGLU over every token (gate, up, SiLU(gate), product)
+        total += size * 4 * hidden * getattr(cfg, "n_shared_experts", 0)
     elif hasattr(mlp, "w3"):  # SwiGLU: input, gate, up, SiLU(gate), their product
         total += size * (d + 4 * cfg.intermediate_size)
     else:  # GELU MLP: input, the hidden before and after the GELU
         total += size * (d + 2 * cfg.intermediate_size)
+    return total
+
+
+def attention_bytes_per_token(attn, cfg, size):
+    """Bytes one token leaves saved in attention: the projections' input, SDPA's q, k, v and output,
+    and wo's input (a reshaped copy)."""
+    d = cfg.n_embd
+    if hasattr(attn, "wkv_a"):  # MLA (DeepSeek-V2 sec. 2.1), in the expanded form training runs
+        q = cfg.n_head * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)  # q and k: per head, nope + rope dims
+        v = cfg.n_head * cfg.v_head_dim
+        # the q and kv latents: each RMSNorm keeps its input in fp32 and hands its up-projection its output
+        latents = cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
+        return size * (d + 2 * q + 3 * v) + (4 + 2 * size) * latents
+    q = cfg.n_head * cfg.head_dim
+    kv = getattr(cfg, "n_kv_heads", cfg.n_head) * cfg.head_dim
+    total = size * (d + 3 * q + 2 * kv)
+    if hasattr(attn, "q_norm"):  # QK-Norm: each an RMSNorm over the q and k heads
+        total += (4 + size) * (q + kv)
     return total
 
 
