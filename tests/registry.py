@@ -209,6 +209,68 @@ MODELS = [
         presets={"qwen3_30b_a3b": 30_532_122_624, "qwen3_235b_a22b": 235_093_634_560},
         preset_rel_tol=0.0,
     ),
+    ModelSpec(
+        name="deepseek3",
+        package="deepseek3",
+        # layer 0 dense, layer 1 DeepSeekMoE (6 routed experts in 2 groups, 2 per token from 1 group, 1
+        # shared), an MTP module, a compressed query; v_head_dim 12 != the query/key head dim 8 + 4
+        small=dict(
+            vocab_size=97,
+            block_size=64,
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            intermediate_size=80,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=12,
+            rope_factor=None,
+            n_experts=6,
+            n_experts_per_tok=2,
+            moe_intermediate_size=24,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            n_mtp=1,
+        ),
+        hf_class="DeepseekV3ForCausalLM",
+        # 3 layers, the first dense; 8 experts in 4 groups, 3 per token from the best 2 groups, 2 shared;
+        # rms_norm_eps 1e-5 differs from the latent norms' fixed 1e-6 (a wrong eps there shows), and a
+        # routed_scaling_factor != 1; no MTP weights: transformers saves none, whatever its config says
+        hf_config=dict(
+            vocab_size=101,
+            max_position_embeddings=64,
+            hidden_size=36,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            intermediate_size=52,
+            moe_intermediate_size=20,
+            q_lora_rank=20,
+            kv_lora_rank=14,
+            qk_nope_head_dim=6,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.7,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        bench_preset="tiny_moe",
+        bench_quick=dict(BENCH_QUICK, moe_intermediate_size=32),
+        presets={"deepseek_v3": 671e9, "deepseek_v3_16b": 15.7e9},  # published, rounded: 671B; 15.7B (V2-Lite)
+    ),
 ]
 
 
@@ -262,6 +324,44 @@ VARIANTS = [
             rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024),
         ),
     ),
+    ModelSpec(
+        name="deepseek3_yarn",
+        package="deepseek3",
+        # DeepSeek's YaRN: mscale 0.8 != mscale_all_dim 1.0, so a factor reaches both cos/sin and the softmax
+        small=dict(
+            _BASE["deepseek3"].small,
+            qk_rope_head_dim=8,
+            rope_factor=4.0,
+            rope_original_block_size=16,
+            rope_beta_fast=2.0,
+            rope_beta_slow=0.05,
+            rope_mscale=0.8,
+            rope_mscale_all_dim=1.0,
+        ),
+        hf_class="DeepseekV3ForCausalLM",
+        # rope dims 8, theta 10,000 and an original context of 16: frequencies 0, 1 and 2-3 are kept, on
+        # the ramp and divided by 4; 24 positions run past the original context. The 4.x spelling
+        hf_config=dict(
+            _BASE["deepseek3"].hf_config,
+            rope_scaling=dict(
+                type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=16,
+                beta_fast=2.0,
+                beta_slow=0.05,
+                mscale=0.8,
+                mscale_all_dim=1.0,
+            ),
+        ),
+    ),
+    ModelSpec(
+        name="deepseek3_q_direct",
+        package="deepseek3",
+        # one wq projection, no query compression, as the 16B / Lite sizes
+        small=dict(_BASE["deepseek3"].small, q_lora_rank=None),
+        hf_class="DeepseekV3ForCausalLM",
+        hf_config=dict(_BASE["deepseek3"].hf_config, q_lora_rank=None),
+    ),
 ]
 
 
@@ -283,6 +383,11 @@ def randomize_(model, seed=0, std=0.1):
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
             is_norm_gain = ("norm" in name or "ln" in name) and name.endswith("weight") and p.dim() == 1
             p.copy_(1.0 + 0.2 * noise if is_norm_gain else std * noise)
+        # DeepSeek-V3's expert-selection bias is a buffer in transformers (a Parameter in ours): nonzero
+        # in both, so the parity tests see it change which experts are chosen
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(std * torch.randn(b.shape, generator=g, dtype=b.dtype))
     return model
 
 
