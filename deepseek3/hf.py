@@ -5,6 +5,8 @@ or in numbered shards listed by model.safetensors.index.json. Reads both spellin
 the hub's deepseek-ai/DeepSeek-V3 config (`rope_theta`, `rope_scaling`, one matrix per expert);
 writes what both versions load: the >= 5 config spelling and one matrix per expert. The
 multi-token-prediction module is the extra layer model.layers.{num_hidden_layers}, as published.
+DeepSeek's own FP8 checkpoints (float8_e4m3fn weights in 128 x 128 blocks with `weight_scale_inv`)
+are dequantised on load; `save` writes unquantised weights and no quantization_config.
 
 Nothing here is architecture: model.py never meets a Hugging Face name. Sections, in the same
 order in every model's hf.py: config.json <-> Config; weight names <-> ours; safetensors
@@ -12,7 +14,6 @@ directories; strict loading; `load` and `save`, behind `Transformer.from_pretrai
 `Transformer.save_pretrained`.
 """
 
-import dataclasses
 import functools
 import json
 import re
@@ -33,6 +34,7 @@ from .model import Config, Transformer
 
 def config_from_hf(hf: dict, **overrides) -> Config:
     refuse_unimplemented(hf)
+    check_quantization(hf.get("quantization_config"))
     # transformers >= 5 writes rope_parameters (rope_theta inside); older configs, including
     # DeepSeek's published one, write rope_theta beside a rope_scaling dict
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -178,7 +180,41 @@ def yarn_to_hf(cfg: Config) -> dict:
 
 
 def read_config(path, **overrides) -> Config:
-    return config_from_hf(json.loads((Path(path) / "config.json").read_text()), **overrides)
+    hf = json.loads((Path(path) / "config.json").read_text())
+    # diff vs qwen3: the weights' headers too, for FP8 tensors without scales and an MTP layer not saved
+    dtypes = weight_dtypes(path)
+    refuse_fp8_without_scale([name for name, dtype in dtypes.items() if is_fp8(dtype)], dtypes)
+    return config_from_hf(mtp_as_saved(hf, dtypes, overrides.pop("n_mtp", None)), **overrides)
+
+
+def mtp_as_saved(hf: dict, weight_names, asked=None) -> dict:
+    """config.json's dict with num_nextn_predict_layers set to `asked` (the caller's n_mtp) if given,
+    else to 0 if it counts MTP layers that the weights lack. transformers' DeepseekV3ForCausalLM has
+    no MTP module: its save_pretrained writes no model.layers.{num_hidden_layers}.* while its config
+    keeps num_nextn_predict_layers: 1. Such a checkpoint loads as the model it holds, without MTP, as
+    transformers loads it: inference never runs the module, and a random one passed off as loaded
+    would, in training, send an untrained head's gradients into the pretrained trunk. Who wants that
+    passes n_mtp=1 and gets a freshly initialised module (load); train.py's --init-from, which takes
+    no overrides, trains such a checkpoint without MTP."""
+    counted = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers"))
+    if asked is None and counted and weight_names:  # no weight files: the loader says so
+        layer = re.compile(rf"(model\.)?layers\.{hf['num_hidden_layers']}\.")
+        asked = None if any(layer.match(name) for name in weight_names) else 0
+    return hf if asked is None else {**hf, "num_nextn_predict_layers": asked}
+
+
+def weight_dtypes(path) -> dict:
+    """{tensor name: safetensors dtype ("F8_E4M3", "BF16", ...)} from the headers of the directory's
+    weight files, none of the data; {} when it has none."""
+    try:
+        files = {f for layer in safetensors_layer_names(path) for f, _ in layer}
+    except FileNotFoundError:
+        return {}
+    dtypes = {}
+    for f in sorted(files):
+        with safe_open(Path(path) / f, "pt") as st:
+            dtypes.update({name: st.get_slice(name).get_dtype() for name in st.keys()})  # noqa: SIM118
+    return dtypes
 
 
 # -----------------------------------------------------------------------------
@@ -219,6 +255,10 @@ HF_MTP_COPIES = {"tok_emb": "embed_tokens", "lm_head": "shared_head.head"}
 
 
 def hf_to_ours(hf_state, cfg):
+    # diff vs qwen3: DeepSeek's FP8 weights to float32. In read_layers_as_ours this makes a quantised
+    # weight one that a conversion transforms: read whole with its scale, dequantised, then cut to a
+    # process's rows (a block's 128 rows share a scale), as GPT-2's fused c_attn is
+    hf_state = dequantize_state(hf_state)
     # checkpoints saved from DeepseekV3Model have no "model." prefix; drop RoPE tables (ours come from cfg)
     hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -302,6 +342,72 @@ def layer_to_hf(state, a, b, cfg):
             for e, w in enumerate(state[a + ours]):
                 hf[f"{b}mlp.experts.{e}.{theirs}.weight"] = w
     return hf
+
+
+# -----------------------------------------------------------------------------
+# FP8 checkpoints: DeepSeek-V3 is published with its linear weights in float8_e4m3fn, 128 x 128
+# blocks, each block with one float32 `<name>_scale_inv` (README_WEIGHTS.md of deepseek-ai/DeepSeek-V3).
+# Norms, embeddings, lm_head and the router stay in bf16. We dequantise on load to float32 and keep
+# no FP8 state: the model, its training and save_pretrained all see ordinary weights.
+
+FP8_BLOCK = 128  # the published quantization_config's weight_block_size, in both dimensions
+SCALE_SUFFIX = "_scale_inv"
+
+
+def check_quantization(quant) -> None:
+    """Accept no quantization_config, or DeepSeek-V3's published one; refuse any other in one line."""
+    if quant is None:
+        return
+    # transformers' FP8 configs leave fmt out (e4m3 is its only format); the activation scheme does
+    # not matter here, as the weights are dequantised and activations computed in the model's dtype
+    found = (quant.get("quant_method"), quant.get("fmt", "e4m3"), list(quant.get("weight_block_size") or ()))
+    if found != ("fp8", "e4m3", [FP8_BLOCK, FP8_BLOCK]):
+        raise ValueError(
+            f"config.json's quantization_config {quant} is not one this file reads: only DeepSeek-V3's "
+            f'"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [{FP8_BLOCK}, {FP8_BLOCK}]'
+        )
+
+
+def dequantize_fp8(weight, scale_inv, name):
+    """A (out, in) FP8 weight -> float32: each 128 x 128 block times its entry of scale_inv
+    (ceil(out / 128), ceil(in / 128)). The last block of a row or column is partial: DeepSeek pads a
+    block to 128 only to compute its scale and drops the padding, so its scale covers what is left."""
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: an FP8 weight of shape {tuple(weight.shape)}; block scales need a matrix")
+    rows, cols = weight.shape
+    blocks = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    if tuple(scale_inv.shape) != blocks:
+        raise ValueError(
+            f"{name}{SCALE_SUFFIX}: shape {tuple(scale_inv.shape)}, but {name} {tuple(weight.shape)} "
+            f"has {blocks} blocks of {FP8_BLOCK} x {FP8_BLOCK}"
+        )
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    return weight.float() * scale  # (out, in), as DeepSeek's weight_dequant: x.float() * s in float32
+
+
+def dequantize_state(hf_state):
+    """hf_state with every `<name>` that has a `<name>_scale_inv` dequantised and the scales dropped.
+    (An FP8 tensor without its scale is refused earlier, by read_config, from the files' headers.)"""
+    scaled = [n.removesuffix(SCALE_SUFFIX) for n in hf_state if n.endswith(SCALE_SUFFIX)]
+    if not scaled:
+        return hf_state
+    out = {n: t for n, t in hf_state.items() if not n.endswith(SCALE_SUFFIX)}
+    for name in scaled:
+        if name not in out:
+            raise KeyError(f"{name}{SCALE_SUFFIX}: a block scale without its weight {name}")
+        out[name] = dequantize_fp8(out[name], hf_state[name + SCALE_SUFFIX], name)
+    return out
+
+
+def is_fp8(dtype: str) -> bool:
+    """dtype: safetensors' name of one, as get_dtype() gives it ("F8_E4M3", "BF16", ...)."""
+    return dtype.startswith("F8_")
+
+
+def refuse_fp8_without_scale(fp8_names, names) -> None:
+    for name in fp8_names:
+        if name + SCALE_SUFFIX not in names:
+            raise ValueError(f"{name}: stored in FP8 without its {name}{SCALE_SUFFIX}, so it cannot be dequantised")
 
 
 # -----------------------------------------------------------------------------
@@ -492,13 +598,12 @@ def load_state_dict_strict(model, state):
 
 def load(path, **overrides) -> Transformer:
     """A Hugging Face directory -> our model; overrides replace Config fields (e.g. attn_impl)."""
-    cfg = read_config(path, **overrides)
+    cfg = read_config(path, **overrides)  # n_mtp 0 where the MTP layer was not saved (mtp_missing) ...
+    model = Transformer(cfg)
     state = hf_to_ours(read_safetensors_dir(path), cfg)
     if cfg.n_mtp and not any(k.startswith("mtp.") for k in state):
-        # diff vs qwen3: transformers' save_pretrained drops the MTP layer while its config.json still
-        # counts it (num_nextn_predict_layers); such a checkpoint loads as the model without MTP
-        cfg = dataclasses.replace(cfg, n_mtp=0)
-    model = Transformer(cfg)
+        # diff vs qwen3: ... unless the caller asked for it (n_mtp=1): the module keeps its initial values
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("mtp.")})
     load_state_dict_strict(model, state)
     return model
 
