@@ -284,27 +284,26 @@ LATENT_NORM_EPS = 1e-6
 class KVCache(nn.Module):
     """diff vs qwen3: MLA's latent cache, kv_lora_rank + qk_rope_head_dim numbers per token and layer
     (576 in DeepSeek-V3) instead of 2 * n_kv_heads * head_dim: the normalised latent c^KV (eq. 1)
-    and the roped key k^R shared by all heads (eq. 3)."""
+    and the roped key k^R shared by all heads (eq. 3), side by side in one buffer [c^KV; k^R], the
+    layout FlashMLA reads and the absorbed attention's single key head."""
 
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, qk_rope_head_dim):
         super().__init__()
-        self.max_seq_len = max_seq_len
-        self.shapes = (batch_size, max_seq_len, kv_lora_rank), (batch_size, max_seq_len, qk_rope_head_dim)
+        self.shape = (batch_size, max_seq_len, kv_lora_rank + qk_rope_head_dim)
         # allocated by the first update, in the dtype and on the device of the latents it is given: what
         # attention computes in (bf16 under autocast or FSDP's mixed precision), not the stored weights' fp32
-        self.register_buffer("latent", None, persistent=False)
-        self.register_buffer("k_rope", None, persistent=False)
+        self.register_buffer("kv", None, persistent=False)
 
     def update(self, pos, latent, k_rope):
         # latent: (B, T, kv_lora_rank), k_rope: (B, T, qk_rope_head_dim) for positions pos .. pos+T-1
-        T = latent.size(1)
-        if pos + T > self.max_seq_len:
-            raise ValueError(f"KV cache holds {self.max_seq_len} positions; cannot write {T} at pos={pos}")
-        if self.latent is None:
-            self.latent, self.k_rope = latent.new_zeros(self.shapes[0]), k_rope.new_zeros(self.shapes[1])
-        self.latent[:, pos : pos + T] = latent
-        self.k_rope[:, pos : pos + T] = k_rope
-        return self.latent[:, : pos + T], self.k_rope[:, : pos + T]  # (B, pos+T, rank), (B, pos+T, rope dims)
+        T, rank = latent.size(1), latent.size(2)
+        if pos + T > self.shape[1]:
+            raise ValueError(f"KV cache holds {self.shape[1]} positions; cannot write {T} at pos={pos}")
+        if self.kv is None:
+            self.kv = latent.new_zeros(self.shape)
+        self.kv[:, pos : pos + T, :rank] = latent
+        self.kv[:, pos : pos + T, rank:] = k_rope
+        return self.kv[:, : pos + T]  # (B, pos+T, kv_lora_rank + qk_rope_head_dim)
 
 
 # -----------------------------------------------------------------------------
@@ -371,8 +370,7 @@ class Attention(nn.Module):
         if cache is None:
             y = self.naive(q_nope, q_rope, latent, k_rope, pos)
         else:
-            latent, k_rope = cache.update(pos, latent, k_rope)  # (B, pos+T, rank), (B, pos+T, rope)
-            y = self.absorbed(q_nope, q_rope, latent, k_rope, pos)
+            y = self.absorbed(q_nope, q_rope, cache.update(pos, latent, k_rope), pos)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * v_dim)
         return self.wo(y)  # eq. 11
 
@@ -386,17 +384,18 @@ class Attention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, n_head, T, qk)
         return causal_attention(q, k, v, pos, self.attn_impl, self.scale)  # (B, n_head, T, v_dim)
 
-    def absorbed(self, q_nope, q_rope, latent, k_rope, pos):
+    def absorbed(self, q_nope, q_rope, kv, pos):
         """The same attention without decompressing the cache (DeepSeek-V2 sec. 2.1.2): q_nope . (W_uk c)
         = (W_uk^T q_nope) . c, so W_uk folds into the query, and sum_s p_s W_uv c_s = W_uv sum_s p_s c_s,
         so W_uv applies after attention. What remains is multi-query attention with one key head
-        [c; k^R] and one value head c, all of width kv_lora_rank (+ rope dims)."""
+        [c; k^R] and one value head c, all of width kv_lora_rank (+ rope dims). kv: (B, S, rank + rope),
+        the cache's [c; k^R] of positions 0 .. pos+T-1."""
         w = self.wkv_b.weight.view(self.n_head, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (n_head, nope, rank), (n_head, v_dim, rank)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, n_head, T, rank)
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, n_head, T, rank + rope)
-        k = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # (B, 1, S, rank + rope)
-        y = causal_attention(q, k, latent.unsqueeze(1), pos, self.attn_impl, self.scale)  # (B, n_head, T, rank)
+        k, v = kv.unsqueeze(1), kv[..., : self.kv_lora_rank].unsqueeze(1)  # (B, 1, S, rank + rope), (B, 1, S, rank)
+        y = causal_attention(q, k, v, pos, self.attn_impl, self.scale)  # (B, n_head, T, rank)
         return torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, n_head, T, v_dim)
 
 
