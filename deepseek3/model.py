@@ -29,6 +29,7 @@ Changes from qwen3/model.py:
 Not here: the FP8 training recipe, DualPipe and expert parallelism (sec. 3), node-limited routing.
 """
 
+import functools
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -289,7 +290,10 @@ class KVCache(nn.Module):
 
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, qk_rope_head_dim):
         super().__init__()
-        self.shape = (batch_size, max_seq_len, kv_lora_rank + qk_rope_head_dim)
+        self.max_seq_len = max_seq_len
+        # rows rounded up to whole pages of FlashMLA's paged cache, which its kernel then reads in place
+        rows = -(-max_seq_len // FLASH_MLA_PAGE) * FLASH_MLA_PAGE
+        self.shape = (batch_size, rows, kv_lora_rank + qk_rope_head_dim)
         # allocated by the first update, in the dtype and on the device of the latents it is given: what
         # attention computes in (bf16 under autocast or FSDP's mixed precision), not the stored weights' fp32
         self.register_buffer("kv", None, persistent=False)
@@ -297,8 +301,8 @@ class KVCache(nn.Module):
     def update(self, pos, latent, k_rope):
         # latent: (B, T, kv_lora_rank), k_rope: (B, T, qk_rope_head_dim) for positions pos .. pos+T-1
         T, rank = latent.size(1), latent.size(2)
-        if pos + T > self.shape[1]:
-            raise ValueError(f"KV cache holds {self.shape[1]} positions; cannot write {T} at pos={pos}")
+        if pos + T > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions; cannot write {T} at pos={pos}")
         if self.kv is None:
             self.kv = latent.new_zeros(self.shape)
         self.kv[:, pos : pos + T, :rank] = latent
@@ -394,9 +398,69 @@ class Attention(nn.Module):
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # (n_head, nope, rank), (n_head, v_dim, rank)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, n_head, T, rank)
         q = torch.cat([q_latent, q_rope], dim=-1)  # (B, n_head, T, rank + rope)
-        k, v = kv.unsqueeze(1), kv[..., : self.kv_lora_rank].unsqueeze(1)  # (B, 1, S, rank + rope), (B, 1, S, rank)
-        y = causal_attention(q, k, v, pos, self.attn_impl, self.scale)  # (B, n_head, T, rank)
+        if flash_mla_usable(q, kv, self.kv_lora_rank):  # DeepSeek's kernel on H100-class GPUs; else the reference:
+            y = flash_mla_attention(q, kv, self.kv_lora_rank, pos, self.scale)  # (B, n_head, T, rank)
+        else:
+            k, v = kv.unsqueeze(1), kv[..., : self.kv_lora_rank].unsqueeze(1)  # (B, 1, S, rank + rope), (B, 1, S, rank)
+            y = causal_attention(q, k, v, pos, self.attn_impl, self.scale)  # (B, n_head, T, rank)
         return torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, n_head, T, v_dim)
+
+
+# -----------------------------------------------------------------------------
+# FlashMLA (github.com/deepseek-ai/FlashMLA): DeepSeek's fused kernel for the absorbed form's attention,
+# used where it is installed (`uv sync --extra flash-mla` builds it on a CUDA machine) and can run;
+# the torch path in Attention.absorbed is the reference it is tested against
+
+FLASH_MLA_PAGE = 64  # tokens per page of the kernel's paged cache, the only page size it supports
+FLASH_MLA_WIDTHS = (512, 64)  # (kv_lora_rank, qk_rope_head_dim): the one shape its kernels are built for
+
+
+@functools.cache
+def flash_mla_module():
+    """The flash_mla package, or None where it is not installed (imported once, not per layer and step)."""
+    try:
+        import flash_mla
+    except ImportError:
+        return None
+    return flash_mla
+
+
+def flash_mla_usable(q, kv, rank):
+    """Whether FlashMLA's dense decoding kernel can run Attention.absorbed's attention: an SM90 GPU
+    (H100, H200, H800: its only target), bf16 or fp16, DeepSeek-V3's widths, and a cache buffer of
+    whole pages for kv to be read in place."""
+    width = sum(FLASH_MLA_WIDTHS)
+    return (
+        q.is_cuda
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and kv.dtype == q.dtype
+        and (rank, kv.size(-1) - rank) == FLASH_MLA_WIDTHS
+        and kv.stride()[1:] == (width, 1)
+        and kv.stride(0) % (FLASH_MLA_PAGE * width) == 0
+        and flash_mla_module() is not None
+    )
+
+
+def flash_mla_attention(q, kv, rank, pos, scale):
+    """Attention.absorbed's multi-query attention by FlashMLA's kernel, for queries q (B, n_head, T,
+    rank + rope) at positions pos .. pos+T-1 over kv (B, pos+T, rank + rope), a slice of a KVCache
+    buffer of S positions per sequence, S a whole number of pages. Returns (B, n_head, T, rank)."""
+    flash_mla = flash_mla_module()
+    B, H, T, D = q.shape
+    S = kv.stride(0) // D
+    # the whole buffer as the kernel's pages, no copy: sequence b owns pages b*S/64 .. (b+1)*S/64 - 1, in order
+    pages = kv.as_strided((B * S // FLASH_MLA_PAGE, FLASH_MLA_PAGE, 1, D), (FLASH_MLA_PAGE * D, D, D, 1))
+    block_table = torch.arange(pages.size(0), dtype=torch.int32, device=q.device).view(B, -1)  # (B, S / 64)
+    lengths = torch.full((B,), pos + T, dtype=torch.int32, device=q.device)  # keys of each sequence
+    # (lengths, queries per key head, key heads): what older releases schedule from; newer ones ignore them
+    metadata = flash_mla.get_mla_metadata(lengths, T * H, 1)
+    # causal: query i sees keys up to pos + i (the mask aligned to the last key), as causal_attention's;
+    # values are the first `rank` columns of each key row, the latent c^KV
+    y, _ = flash_mla.flash_mla_with_kvcache(
+        q.transpose(1, 2).contiguous(), pages, block_table, lengths, rank, *metadata, softmax_scale=scale, causal=True
+    )  # (B, T, n_head, rank)
+    return y.transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------
