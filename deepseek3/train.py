@@ -7,8 +7,12 @@
 
 Sections, in the same order in every model's train.py: arguments, distributed set-up, model and
 wrapping, optimizer and schedule, data, checkpointing, the loop, a final sample.
-Changes from qwen3/train.py: none yet beyond the model import (TrainingExtras' bias update and MTP
-logging to come).
+Changes from qwen3/train.py: auxiliary-loss-free balancing (report sec. 2.1.2) — after each optimizer step
+`TrainingExtras` moves every MoE router's bias by gamma toward the under-loaded experts, from the expert load
+summed over the step's micro-batches and the data-parallel ranks, so all replicas keep the same biases (the
+bias is a Parameter without gradient, kept out of AdamW by `make_optimizer`); the logs add the MTP loss. The
+lambda-weighted MTP loss and the alpha-weighted sequence-wise balance loss are already in the model's training
+loss (model.py); `TRAINING_DEFAULTS` holds the report's deepseek_v3 recipe.
 """
 
 import argparse
@@ -173,10 +177,18 @@ def parse_args(argv=None):
 
 
 # Published recipes of the real presets, used for each of these flags not given on the command line.
-# The Qwen3 technical report (Yang et al. 2025, sec. 3) publishes no learning rate, warmup or batch size
-# (it says they were set by scaling laws per model), so every preset keeps the small-run defaults:
-# pass --lr, --warmup-steps and --total-batch-tokens for a real run.
-TRAINING_DEFAULTS = {}
+# DeepSeek-V3 report sec. 4.2 (the 671B model): AdamW beta1 0.9, beta2 0.95 (train.py's defaults), weight
+# decay 0.1, gradient clipping 1.0 (the default); lr 2.2e-4 after 2K warmup steps, decayed to 2.2e-5; 15,360
+# sequences of 4K tokens per step. Not expressible here, so left out: the schedule's shape (constant until
+# 10T tokens, cosine over 4.3T, then constant 2.2e-5 and 7.3e-6: pass --schedule wsd for the nearest), the
+# batch-size ramp from 3,072 sequences over the first 469B tokens, --seq-len 4096 (pass it), and the late
+# switches gamma 0.001 -> 0 and lambda 0.3 -> 0.1 (Config fields: --set). deepseek_v3_16b has no published
+# recipe: it keeps the small-run defaults.
+TRAINING_DEFAULTS = {
+    "deepseek_v3": dict(
+        lr=2.2e-4, warmup_steps=2000, total_batch_tokens=15360 * 4096, min_lr_ratio=0.1, weight_decay=0.1
+    ),
+}
 
 
 # What those flags are when neither the command line nor the preset's recipe sets them: a small run's
@@ -362,7 +374,9 @@ def shard_model(model, compute_dtype):
         fully_shard(module, mp_policy=mp)
     if not model.cfg.tie_embeddings:
         fully_shard(head, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    # the root's inputs are token ids, nothing to cast; and casting would pass the forward a copy of the loop's
+    # aux dict (FSDP rebuilds every dict it casts), leaving the loop's own empty: no expert load, no bias update
+    fully_shard(model, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
 
 
 def mtp_modules(model):
@@ -559,7 +573,10 @@ def attention_bytes_per_token(attn, cfg, size):
         v = cfg.n_head * cfg.v_head_dim
         # the q and kv latents: each RMSNorm keeps its input in fp32 and hands its up-projection its output
         latents = cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
-        return size * (d + 2 * q + 3 * v) + (4 + 2 * size) * latents
+        # SDPA's v is a view of wkv_b's output, which holds every head's k_nope too: kept whole
+        v_storage = cfg.n_head * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        # q, k, v, SDPA's output and its fp32 log-sum-exp per head, wo's input
+        return size * (d + 2 * q + v_storage + 2 * v) + 4 * cfg.n_head + (4 + 2 * size) * latents
     q = cfg.n_head * cfg.head_dim
     kv = getattr(cfg, "n_kv_heads", cfg.n_head) * cfg.head_dim
     total = size * (d + 3 * q + 2 * kv)
@@ -614,41 +631,68 @@ def check_memory(plan, capacity, args, world_size, device):
 
 
 class TrainingExtras:
-    """Qwen 3 MoE: logs the load-balancing loss (already part of the training loss) and how evenly
-    the experts are loaded, both read from the aux dict the model's forward fills. Dense: no-ops."""
+    """DeepSeek-V3's auxiliary-loss-free balancing (report sec. 2.1.2): each forward reports the tokens
+    each routed expert received; after each optimizer step those loads, summed over the step's
+    micro-batches and over the data-parallel ranks, move every MoE router's bias by gamma toward balance,
+    identically on every rank. Logs the sequence-wise balance loss and the MTP loss (both already in the
+    training loss) and how evenly the experts were loaded. Dense without MTP: no-ops."""
 
     def __init__(self, model, args, device):
         cfg = model.cfg
-        self.n_moe_layers = sum(map(cfg.is_moe_layer, range(cfg.n_layer)))
+        # the MoE layers, in the order of the rows of the forward's aux["expert_load"]. The MTP block's
+        # router is not among them: the forward does not report its load, so its bias stays as loaded
+        self.moe_layers = [block.mlp for block in model.layers if hasattr(block.mlp, "router")]
+        self.gamma = cfg.bias_update_speed
         self.active_params = model.num_params(active=True)
-        self.load = torch.zeros(self.n_moe_layers, cfg.n_experts, device=device)  # (MoE layers, n_experts)
-        self.balancing_loss = torch.zeros((), device=device)
-        self.forwards = 0
+        self.step_load = torch.zeros(len(self.moe_layers), cfg.n_experts, device=device)  # this step, this rank
+        self.load = torch.zeros_like(self.step_load)  # all ranks, since the last summary
+        # figure logged -> the aux key it averages
+        self.figures = {"aux_loss": "load_balancing_loss", "mtp_loss": "mtp_loss"}
+        self.sums = {name: torch.zeros((), device=device) for name in self.figures}
+        self.counts = dict.fromkeys(self.figures, 0)
 
     def describe(self):
-        return f" ({self.active_params:,} active per token)" if self.n_moe_layers else ""
+        return f" ({self.active_params:,} active per token)" if self.moe_layers else ""
 
     def after_forward(self, aux):
         if "expert_load" in aux:
-            self.load += aux["expert_load"]  # tokens each expert received in each MoE layer
-            self.balancing_loss += aux["load_balancing_loss"]
-            self.forwards += 1
+            self.step_load += aux["expert_load"]  # (MoE layers, n_experts) (token, pick) pairs per expert
+        for name, key in self.figures.items():
+            if key in aux:
+                self.sums[name] += aux[key]
+                self.counts[name] += 1
 
     def after_step(self, model):
-        """Called on every rank after each optimizer step (e.g. a router-bias update or a weight rescale)."""
+        """b_i += gamma * sign(mean load - load_i) in each MoE layer (sec. 2.1.2): an overloaded expert's
+        bias falls, an underloaded one's rises. The load is summed over the ranks first, so every replica
+        applies the same update and the biases never drift apart; under FSDP each rank updates its rows."""
+        if not self.moe_layers:
+            return
+        if dist.is_initialized():
+            dist.all_reduce(self.step_load)  # SUM: the load of the whole global batch
+        with torch.no_grad():
+            for moe, load in zip(self.moe_layers, self.step_load, strict=True):
+                bias = moe.router.bias
+                update = self.gamma * torch.sign(load.mean() - load)  # (n_experts,)
+                local = bias.to_local() if isinstance(bias, DTensor) else bias
+                local += local_part(update, bias).to(local.dtype)
+        self.load += self.step_load
+        self.step_load.zero_()
 
     def summary(self):
-        """Mean balancing loss, and max/mean tokens per expert in the most unbalanced layer (1.0 is
-        even), over all ranks since the last summary."""
-        if not self.n_moe_layers:
-            return {}
-        balancing_loss = all_mean(self.balancing_loss / max(1, self.forwards))
-        load = all_mean(self.load.clone())
-        imbalance = (load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9)).max()
-        self.load.zero_()
-        self.balancing_loss.zero_()
-        self.forwards = 0
-        return {"aux_loss": balancing_loss.item(), "expert_load_max_over_mean": imbalance.item()}
+        """Mean balance and MTP losses over all ranks, and max/mean tokens per expert in the most
+        unbalanced MoE layer (1.0 is even), since the last summary."""
+        figures = {
+            name: all_mean(self.sums[name] / self.counts[name]).item() for name in self.figures if self.counts[name]
+        }
+        if self.moe_layers:  # self.load is already summed over the ranks
+            imbalance = self.load.max(dim=-1).values / self.load.mean(dim=-1).clamp(min=1e-9)
+            figures["expert_load_max_over_mean"] = imbalance.max().item()
+            self.load.zero_()
+        for name in self.figures:
+            self.sums[name].zero_()
+            self.counts[name] = 0
+        return figures
 
 
 # -----------------------------------------------------------------------------
@@ -656,9 +700,11 @@ class TrainingExtras:
 
 
 def make_optimizer(model, args, device):
-    # decay matrices (embeddings, linear weights); not biases or norm gains
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # decay matrices (embeddings, linear weights); not biases or norm gains. The routers' biases take no
+    # gradient (TrainingExtras.after_step moves them): left out, so no optimizer update or state touches them
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
 

@@ -365,7 +365,9 @@ def shard_model(model, compute_dtype):
         fully_shard(module, mp_policy=mp)
     if not model.cfg.tie_embeddings:
         fully_shard(head, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    # the root's inputs are token ids, nothing to cast; and casting would pass the forward a copy of the loop's
+    # aux dict (FSDP rebuilds every dict it casts), leaving the loop's own empty: no expert load, no bias update
+    fully_shard(model, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
 
 
 def mtp_modules(model):
@@ -562,7 +564,10 @@ def attention_bytes_per_token(attn, cfg, size):
         v = cfg.n_head * cfg.v_head_dim
         # the q and kv latents: each RMSNorm keeps its input in fp32 and hands its up-projection its output
         latents = cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
-        return size * (d + 2 * q + 3 * v) + (4 + 2 * size) * latents
+        # SDPA's v is a view of wkv_b's output, which holds every head's k_nope too: kept whole
+        v_storage = cfg.n_head * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        # q, k, v, SDPA's output and its fp32 log-sum-exp per head, wo's input
+        return size * (d + 2 * q + v_storage + 2 * v) + 4 * cfg.n_head + (4 + 2 * size) * latents
     q = cfg.n_head * cfg.head_dim
     kv = getattr(cfg, "n_kv_heads", cfg.n_head) * cfg.head_dim
     total = size * (d + 3 * q + 2 * kv)

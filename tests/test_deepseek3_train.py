@@ -1,0 +1,114 @@
+"""deepseek3/train.py: auxiliary-loss-free balancing (DeepSeek-V3 report sec. 2.1.2) and the MTP loss.
+After each optimizer step every MoE router's bias moves by gamma * sign(mean load - load), the load summed
+over the step's micro-batches and the data-parallel ranks, so replicas never drift; the MTP loss is logged
+and falls on Shakespeare; a resumed run restores the biases."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from registry import by_name
+from train_helpers import losses, metrics, run_in_process, run_ranks, train_args
+
+SPEC = by_name("deepseek3")
+STEPS = 4
+# a hundred times the report's 0.001, so that in a few steps the biases change which experts are picked
+FAST_BIAS = "--set=bias_update_speed=0.1"
+
+
+def router_biases(model):
+    """(MoE layers, n_experts): the main MoE layers' router biases, whole (gathered where FSDP shards them)."""
+    biases = [block.mlp.router.bias for block in model.layers if hasattr(block.mlp, "router")]
+    return torch.stack([b.full_tensor() if isinstance(b, DTensor) else b for b in biases]).detach().cpu()
+
+
+@pytest.fixture
+def record_biases(monkeypatch):
+    """Each rank saves the router biases it holds after every step into <out_dir>/biases_rank<R>.pt."""
+    import deepseek3.train as train
+
+    class Recording(train.TrainingExtras):
+        def __init__(self, model, args, device):
+            super().__init__(model, args, device)
+            self.path = Path(args.out_dir) / f"biases_rank{os.environ.get('RANK', 0)}.pt"
+            self.history = []
+
+        def after_step(self, model):
+            super().after_step(model)
+            self.history.append(router_biases(model))
+            torch.save(self.history, self.path)
+
+    monkeypatch.setattr(train, "TrainingExtras", Recording)
+
+
+def saved_biases(out_dir, rank=0):
+    return torch.load(Path(out_dir) / f"biases_rank{rank}.pt")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_biases_stay_identical_on_every_rank_and_equal_one_process(parallel, record_biases, toy_data, tmp_path):
+    """2 gloo ranks with one micro-batch each = one process with both micro-batches: the same losses
+    and, after every step, the same biases on both ranks as in the single process."""
+    args = train_args(SPEC, toy_data, tmp_path / "single", "--max-steps", STEPS, FAST_BIAS)
+    single = run_in_process(SPEC, *args, "--total-batch-tokens", 2 * 4 * 16)
+    args = train_args(SPEC, toy_data, tmp_path / parallel, "--max-steps", STEPS, FAST_BIAS)
+    run_ranks(SPEC, *args, "--parallel", parallel)
+    expected = saved_biases(tmp_path / "single")
+    assert expected[-1].abs().sum() > 0  # the biases moved
+    for rank in range(2):
+        assert [torch.equal(a, b) for a, b in zip(saved_biases(tmp_path / parallel, rank), expected)] == [True] * STEPS
+    assert losses(metrics(tmp_path / parallel)) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_bias_moves_by_gamma_toward_the_underloaded_experts():
+    """Two micro-batches' loads are summed, then each bias moves by exactly gamma * sign(mean - load):
+    up for an expert below the mean, down above it, not at all at the mean."""
+    from deepseek3.train import TrainingExtras
+
+    gamma = 0.25  # a power of two: the expected biases are exact
+    model = SPEC.build(bias_update_speed=gamma, n_layer=3).train()  # MoE layers 1 and 2
+    extras = TrainingExtras(model, None, torch.device("cpu"))
+    routers = [block.mlp.router for block in model.layers if hasattr(block.mlp, "router")]
+    n_experts = model.cfg.n_experts
+    with torch.no_grad():
+        for router in routers:
+            router.bias.copy_(torch.arange(n_experts) / 8)
+    before = router_biases(model)
+    total = torch.randint(0, 9, (len(routers), n_experts)).float()  # tokens per expert over the step
+    total[-1] = 3.0
+    total[-1, :2] = torch.tensor([1.0, 5.0])  # mean 3: expert 0 under, expert 1 over, the rest at the mean
+    first = torch.floor(total * torch.rand(total.shape))  # split over two micro-batches
+    loads = [first, total - first]
+    for load in loads:
+        extras.after_forward({"expert_load": load})
+    extras.after_step(model)
+    expected = before + gamma * torch.sign(total.mean(-1, keepdim=True) - total)
+    assert torch.equal(router_biases(model), expected)
+    assert (router_biases(model) - before)[-1, :2].tolist() == [gamma, -gamma]
+    assert torch.equal(router_biases(model)[-1, 2:], before[-1, 2:])
+    assert extras.step_load.sum() == 0  # the next step counts afresh
+
+
+def test_mtp_loss_is_finite_and_falls_on_shakespeare(tmp_path):
+    """A short run of the default set-up (tiny preset, bundled Shakespeare): the logged MTP loss (the
+    second-next token's cross-entropy, report sec. 2.2) is finite and falls."""
+    rows = run_in_process(
+        SPEC, *["--out-dir", tmp_path, "--max-steps", 40, "--log-every", 4, "--eval-every", 0, "--sample-tokens", 0]
+    )
+    mtp = [r["mtp_loss"] for r in rows if "mtp_loss" in r]
+    assert len(mtp) == 10 and all(map(torch.isfinite, torch.tensor(mtp))), mtp
+    assert mtp[-1] < mtp[0] - 1.0, mtp
+
+
+def test_resume_restores_the_biases(record_biases, toy_data, tmp_path):
+    """--stop-after then --resume ends with the biases (and losses) of the uninterrupted run."""
+    whole = run_in_process(SPEC, *train_args(SPEC, toy_data, tmp_path / "whole", "--max-steps", 6, FAST_BIAS))
+    args = train_args(SPEC, toy_data, tmp_path / "split", "--max-steps", 6, FAST_BIAS)
+    first = run_in_process(SPEC, *args, "--stop-after", 3)
+    second = run_in_process(SPEC, *args, "--resume")
+    assert losses(first) + losses(second) == losses(whole)
+    assert torch.equal(saved_biases(tmp_path / "split")[-1], saved_biases(tmp_path / "whole")[-1])
+    assert saved_biases(tmp_path / "whole")[-1].abs().sum() > 0
