@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import decode, loss_memory, mfu, moe, train_throughput
+from bench import decode, loss_memory, mfu, mla, moe, train_throughput
 from registry import MODELS, by_name, import_transformers
 
 models = pytest.mark.parametrize("model", [m.name for m in MODELS])
@@ -82,6 +82,28 @@ def test_loss_memory_quick(capsys):
     # the chunked loss is the plain one in fp32 (summed in another order); a wrong row, chunk or mask is >= 1e-3
     found = re.search(r"losses: plain \S+, chunked \S+ \(\|diff\| (\S+)\); weight grad rel diff (\S+)", out)
     assert float(found.group(1)) <= 1e-5 and float(found.group(2)) <= 1e-5, out
+
+
+def test_mla_quick(capsys):
+    """bench/mla.py: each preset's cache holds the bytes of its formula (DeepSeek-V3's latent: 576 numbers
+    per token and layer), and the absorbed and naive forms score the same tokens alike in fp32."""
+    mla.main(["--quick"])
+    out = capsys.readouterr().out
+    for label in (
+        "| DeepSeek-V3 671B | MLA, latent cache | 576 | 1,152 | 61 | 68.6 |",
+        "| DeepSeek-V3 671B | MLA, keys/values expanded per head | 40,960 | 81,920 | 61 |",
+        "| Llama 3.1 405B | GQA, 8 kv heads | 2,048 | 4,096 | 126 |",
+        "cache bytes equal the formulas",
+        "attention path of the absorbed form: torch",
+        "greedy choices agree: yes (all 8 new tokens of every sequence)",
+        "tokens/s",
+        "decode tokens/s absorbed / naive:",
+    ):
+        assert label in out, out
+    assert re.search(r"cache bytes equal the formulas \(.*\): yes", out), out
+    # the same tokens fed to both forms: fp32 rounding (~1e-6) apart; a wrong absorption or cache is >= 1e-2
+    diff = float(re.search(r"max \|absorbed - naive\| (\S+)", out).group(1))
+    assert diff <= 1e-4, out
 
 
 def test_moe_layer_runs(capsys):
