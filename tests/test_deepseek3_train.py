@@ -3,6 +3,7 @@ After each optimizer step every MoE router's bias moves by gamma * sign(mean loa
 over the step's micro-batches and the data-parallel ranks, so replicas never drift; the MTP loss is logged
 and falls on Shakespeare; a resumed run restores the biases."""
 
+import math
 import os
 from pathlib import Path
 
@@ -93,14 +94,16 @@ def test_bias_moves_by_gamma_toward_the_underloaded_experts():
 
 
 def test_mtp_loss_is_finite_and_falls_on_shakespeare(tmp_path):
-    """A short run of the default set-up (tiny preset, bundled Shakespeare): the logged MTP loss (the
-    second-next token's cross-entropy, report sec. 2.2) is finite and falls."""
+    """A short run of the default set-up (tiny preset, bundled Shakespeare; 16 steps of 4 x 32 tokens): the
+    logged MTP loss (the cross-entropy of the token after next, report sec. 2.2) is finite and falls."""
     rows = run_in_process(
-        SPEC, *["--out-dir", tmp_path, "--max-steps", 40, "--log-every", 4, "--eval-every", 0, "--sample-tokens", 0]
+        SPEC,
+        *["--out-dir", tmp_path, "--max-steps", 16, "--seq-len", 32, "--warmup-steps", 4, "--log-every", 4],
+        *["--eval-every", 0, "--eval-steps", 1, "--sample-tokens", 0],
     )
-    mtp = [r["mtp_loss"] for r in rows if "mtp_loss" in r]
-    assert len(mtp) == 10 and all(map(torch.isfinite, torch.tensor(mtp))), mtp
-    assert mtp[-1] < mtp[0] - 1.0, mtp
+    mtp = [r["mtp_loss"] for r in rows if "mtp_loss" in r]  # each the mean over 4 steps
+    assert len(mtp) == 4 and all(map(math.isfinite, mtp)), mtp
+    assert mtp[-1] < mtp[0] - 1.0, mtp  # measured: 10.6 -> 7.5
 
 
 def test_resume_restores_the_biases(record_biases, toy_data, tmp_path):
