@@ -158,6 +158,15 @@ def test_from_pretrained_dequantizes_bit_for_bit(published):
     )
 
 
+def test_save_pretrained_writes_the_dequantized_weights_unquantized(published, tmp_path):
+    Transformer.from_pretrained(published.path).save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    saved = hf.read_safetensors_dir(tmp_path)
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert not [name for name in saved if name.endswith("_scale_inv")]
+    assert_state_equal(Transformer.from_pretrained(tmp_path).state_dict(), published.expected)
+
+
 def test_init_from_dequantizes_bit_for_bit(published):
     assert_state_equal(init_from(published.path).state_dict(), published.expected)
 
