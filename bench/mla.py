@@ -35,7 +35,7 @@ import time
 import torch
 
 from bench.common import build_ours, placement, quartiles, ratio_spread, setup, summary, sync
-from deepseek3.model import flash_mla_usable
+from deepseek3.model import causal_attention, flash_mla_usable
 
 # (model, attention and what its cache holds, package, preset, form) of table (a)
 CACHE_ROWS = [
@@ -82,7 +82,6 @@ class ExpandedKVCache:
         self.k[:, :, pos : pos + T], self.v[:, :, pos : pos + T] = k, v
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, n_head, T, qk)
         k, v = self.k[:, :, : pos + T], self.v[:, :, : pos + T]  # (B, n_head, pos+T, qk), (.., v_dim)
-        causal_attention = importlib.import_module(type(a).__module__).causal_attention
         return causal_attention(q, k, v, pos, a.attn_impl, a.scale)  # (B, n_head, T, v_dim)
 
 
