@@ -326,7 +326,7 @@ def build_model(args, cfg, device, compute_dtype):
     (or --init-from's weights). Under FSDP each process only ever allocates its shard."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    for block in model.layers:
+    for block in [*model.layers, *mtp_modules(model)]:  # an MTP module, a block with its projections, as one
         if args.activation_checkpointing:  # keeps parameter names unchanged, unlike a wrapper module
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         if args.compile:  # each block in place: no `_orig_mod.` in the names, and FSDP's hooks between blocks
@@ -506,27 +506,27 @@ def activation_bytes(model, args, compute_dtype):
     # the residual stream's dtype: fp32 under autocast (fp32 weights), the compute dtype under FSDP's casts
     stream = size if args.parallel == "fsdp" else 4
     blocks = [block_bytes_per_token(block, cfg, size, stream) for block in model.layers]
-    largest = max(blocks)
+    # an MTP module is checkpointed as a block is; it keeps two inputs, h and the next token's embedding
+    mtps = [mtp_bytes_per_token(module, cfg, size, stream) for module in mtp_modules(model)]
+    largest = max(blocks + mtps)
     if args.activation_checkpointing:
-        per_token = stream * cfg.n_embd * len(blocks) + 2 * largest
+        per_token = stream * cfg.n_embd * (len(blocks) + 2 * len(mtps)) + 2 * largest
     else:
-        per_token = sum(blocks) + largest
-    # final norm, the head's input in the compute dtype; the loss holds one fp32 chunk of logits and,
-    # in backward, its gradient in fp32 and in the compute dtype
-    per_token += norm_bytes(model.norm, cfg.n_embd, stream) + size * cfg.n_embd
-    per_token += sum(mtp_bytes_per_token(module, cfg, size, stream) for module in mtp_modules(model))
+        per_token = sum(blocks) + sum(mtps) + largest
+    # final norm, the head's input in the compute dtype (and each MTP module's); the loss holds one fp32
+    # chunk of logits and, in backward, its gradient in fp32 and in the compute dtype
+    per_token += norm_bytes(model.norm, cfg.n_embd, stream) + size * cfg.n_embd * (1 + len(mtps))
     chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size  # as linear_cross_entropy
     return tokens * per_token + chunk * (4 + 4 + size)
 
 
 def mtp_bytes_per_token(module, cfg, size, stream):
     """Bytes one token leaves saved in a multi-token-prediction module (DeepSeek-V3 sec. 2.2, eq. 21-23):
-    the two norms, eh_proj's input (both halves), a block (never checkpointed), its final norm and the
-    shared head's input. Its loss reuses the main loss's chunk of logits, one at a time."""
+    the two norms, eh_proj's input (both halves), a block and its final norm. Its loss goes through the
+    shared head, whose chunk of logits the main loss's reuses, one at a time."""
     d = cfg.n_embd
     total = norm_bytes(module.enorm, d, stream) + norm_bytes(module.hnorm, d, stream) + size * 2 * d
-    total += block_bytes_per_token(module.block, cfg, size, stream)
-    return total + norm_bytes(module.norm, d, stream) + size * d
+    return total + block_bytes_per_token(module.block, cfg, size, stream) + norm_bytes(module.norm, d, stream)
 
 
 def norm_bytes(norm, width, stream):
