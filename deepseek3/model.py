@@ -369,7 +369,9 @@ class Attention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)  # eq. 8
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, T, rank), (B, T, rope)
-        latent = self.kv_norm(latent)  # eq. 1, c^KV
+        # eq. 1, c^KV, kept in the projection's dtype: under autocast the norm's fp32 gain would promote it,
+        # a cache twice the size that attention reads in bf16 anyway, and one FlashMLA (same dtypes) refuses
+        latent = self.kv_norm(latent).to(k_rope.dtype)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)  # (B, T, rope) eq. 3: one key for all heads
         if cache is None:
             y = self.naive(q_nope, q_rope, latent, k_rope, pos)

@@ -20,9 +20,17 @@ def test_fsdp_bf16_trains_checkpoints_and_samples(spec, toy_data, tmp_path):
 
 @pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
 @pytest.mark.parametrize("mode", ["plain bf16", "autocast"])
-def test_generate_in_bf16(spec, mode):
+def test_generate_in_bf16(spec, mode, monkeypatch):
     """Greedy decoding with bf16 weights, and with fp32 weights under bf16 autocast: the cache holds
     what attention computes in, and the tokens are those of the full forward's argmax."""
+    given = set()  # the dtypes of the activations the model hands its caches
+    update = spec.model.KVCache.update
+
+    def recorded(cache, pos, *activations):
+        given.update(a.dtype for a in activations)
+        return update(cache, pos, *activations)
+
+    monkeypatch.setattr(spec.model.KVCache, "update", recorded)
     model = randomize_(spec.build()).eval()
     if mode == "plain bf16":
         model.to(torch.bfloat16)
@@ -33,7 +41,10 @@ def test_generate_in_bf16(spec, mode):
             logits, _ = model(out[:, :-1])
             cache = model.make_cache(2, 5)
             model(idx, cache=cache)
-    # v comes straight from a bf16 matmul (k may be fp32 in qwen3, whose QK-norm gain promotes it, as transformers')
-    assert {c.v.dtype for c in cache} == {torch.bfloat16}
+    # every buffer takes the dtype of what it is given, never the parameters' (fp32 under autocast): bf16,
+    # which every model's values come in straight from a matmul, and in qwen3 also fp32 for the keys,
+    # which its QK-norm's fp32 gain promotes under autocast, as transformers' does
+    stored = {buffer.dtype for c in cache for buffer in c.buffers()}
+    assert stored == given and torch.bfloat16 in stored
     assert out.shape == (2, 9)
     assert torch.equal(out[:, 5:], logits[:, 4:].argmax(-1))
