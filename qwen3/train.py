@@ -348,14 +348,17 @@ def build_model(args, cfg, device, compute_dtype):
 
 def shard_model(model, compute_dtype):
     """FSDP2 groups, each gathered just before its forward and freed after: the embedding, each block,
-    each multi-token-prediction module (DeepSeek-V3's model.mtp), the final norm with the head, and a root
-    for what is left (GPT-2's positions). A tied head shares the embedding's matrix, and so its group."""
+    each multi-token-prediction module (DeepSeek-V3's model.mtp), each router with a bias (in fp32), the
+    final norm with the head, and a root for what is left (GPT-2's positions). A tied head shares the
+    embedding's matrix, and so its group."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # params stored in fp32 and gathered in the compute dtype; gradients reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     head = [model.norm, model.lm_head]
     fully_shard([model.tok_emb, *head] if model.cfg.tie_embeddings else model.tok_emb, mp_policy=mp)
+    for router in biased_routers(model):  # inner groups first: each then leaves its block's group
+        fully_shard(router, mp_policy=dataclasses.replace(mp, param_dtype=torch.float32, cast_forward_inputs=False))
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     for module in mtp_modules(model):  # a block of its own and its projections, run after the main blocks
@@ -365,6 +368,13 @@ def shard_model(model, compute_dtype):
     # the root's inputs are token ids, nothing to cast; and casting would pass the forward a copy of the loop's
     # aux dict (FSDP rebuilds every dict it casts), leaving the loop's own empty: no expert load, no bias update
     fully_shard(model, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False))
+
+
+def biased_routers(model):
+    """The MoE routers with a selection bias (DeepSeek-V3's, report sec. 2.1.2), which FSDP gathers in fp32,
+    each its own group: the bias moves by gamma = 0.001 a step, below bf16's spacing of 0.004 near 1, so a
+    bf16 copy would route by a bias that lags its updates. The router computes in fp32 anyway."""
+    return [m.router for m in model.modules() if getattr(getattr(m, "router", None), "bias", None) is not None]
 
 
 def mtp_modules(model):
@@ -475,11 +485,14 @@ def local_numel(param, shards):
 
 def fsdp_groups(model):
     """Parameters in each FSDP2 group of shard_model: the embedding (with the head when tied), each
-    block, each MTP module, the final norm with the head, and the root's rest."""
+    block and each MTP module (less their biased routers), each biased router, the final norm with the
+    head, and the root's rest."""
     count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
     tied = model.cfg.tie_embeddings
     groups = [count(model.tok_emb, model.norm) if tied else count(model.tok_emb)]
-    groups += [count(block) for block in model.layers] + [count(module) for module in mtp_modules(model)]
+    blocks = [*model.layers, *mtp_modules(model)]
+    groups += [count(block) - count(*biased_routers(block)) for block in blocks]
+    groups += [count(router) for router in biased_routers(model)]
     groups += [] if tied else [count(model.norm, model.lm_head)]
     return groups + [count(model) - sum(groups)]
 

@@ -115,3 +115,25 @@ def test_resume_restores_the_biases(record_biases, toy_data, tmp_path):
     assert losses(first) + losses(second) == losses(whole)
     assert torch.equal(saved_biases(tmp_path / "split")[-1], saved_biases(tmp_path / "whole")[-1])
     assert saved_biases(tmp_path / "whole")[-1].abs().sum() > 0
+
+
+def test_fsdp_in_bf16_routes_by_fp32_biases(monkeypatch, toy_data, tmp_path):
+    """FSDP gathers the weights in bf16, but each biased router as a group of its own in fp32: a bf16 copy of
+    the bias would round away its steps of gamma. Each rank records the dtypes its routers compute with."""
+    import deepseek3.train as train
+
+    class Probe(train.TrainingExtras):
+        def __init__(self, model, args, device):
+            super().__init__(model, args, device)
+            path = Path(args.out_dir) / f"router_dtypes_rank{os.environ['RANK']}.txt"
+
+            def record(router, inputs):  # runs after FSDP's own pre-forward hook, which gathers the router
+                path.write_text(str(router.bias.dtype))
+
+            for moe in self.moe_layers:
+                moe.router.register_forward_pre_hook(record)
+
+    monkeypatch.setattr(train, "TrainingExtras", Probe)
+    args = train_args(SPEC, toy_data, tmp_path, "--max-steps", 1, "--dtype", "bfloat16", "--parallel", "fsdp")
+    run_ranks(SPEC, *args)
+    assert [(tmp_path / f"router_dtypes_rank{r}.txt").read_text() for r in range(2)] == ["torch.float32"] * 2
