@@ -4,6 +4,7 @@ data refused in one line), and a short run raises preference accuracy and reward
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -85,6 +86,17 @@ def test_precomputed_reference_logps_replace_the_reference_model(tokenizer):
     # and policy == reference: every margin is 0, the sigmoid loss ln 2
     same = dpo.dpo_batch(policy, policy, pairs, tokenizer, args, "cpu")[0]
     assert same.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_rejected_answers_differ_in_one_word_inside_the_task_vocabulary():
+    """A fresh model's default tokenizer is the task vocabulary, which holds add's answers 0..98 only: a
+    corruption of 0 or 98 must not step outside it."""
+    vocab, rng = dpo.task_vocabulary(), random.Random(0)
+    for answer in (" 0", " 5", " 98", " t a c"):
+        for _ in range(20):
+            rejected = dpo.corrupt(answer, rng)
+            assert sum(a != b for a, b in zip(answer.split(), rejected.split())) == 1
+            assert vocab.decode(vocab.encode(rejected)) == rejected
 
 
 def write_jsonl(path, rows):
