@@ -339,6 +339,32 @@ def causal_attention(q, k, v, pos, impl, scale):
     return att @ v  # (B, n_head, T, d_v)
 
 
+def latent_attention(q, kv, rank, pos, impl, scale):
+    """Attention.absorbed's multi-query attention in torch: queries q (B, n_head, T, rank + rope) at
+    positions pos .. pos+T-1 against one key head kv (B, pos+T, rank + rope), [c; k^R], and one value
+    head, its first `rank` columns c. Returns (B, n_head, T, rank).
+
+    With a single key/value head every head scores the same keys, so the heads fold into the query
+    length, n_head * T queries of one head, as FlashMLA does (its q_seq_per_hk). Passed as n_head
+    query heads over one kv head instead, SDPA's grouped-query fallback (its math path, which CPUs
+    and, at head dims above 256, CUDA take) copies the whole cache n_head times at every step."""
+    B, H, T, D = q.shape
+    S = kv.size(1)
+    q = q.reshape(B, 1, H * T, D)  # (B, 1, n_head * T, rank + rope): row h * T + i is head h's query i
+    k, v = kv.unsqueeze(1), kv[..., :rank].unsqueeze(1)  # (B, 1, S, rank + rope), (B, 1, S, rank)
+    # query i (at position pos + i) sees keys 0 .. pos + i in every head: causal_attention's (T, S) mask,
+    # once per head; one new token sees every key: no mask
+    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T).repeat(H, 1)
+    if impl == "sdpa":
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        att = (q @ k.transpose(-2, -1)) * scale  # (B, 1, n_head * T, S)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        y = F.softmax(att.float(), dim=-1).to(q.dtype) @ v
+    return y.view(B, H, T, rank)  # (B, n_head, T, rank)
+
+
 class Attention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2 sec. 2.1; V3 sec. 2.1.1, eq. 1-11). Each head's key is
     [k^C; k^R]: k^C decompressed from the token's latent c^KV by W_uk, k^R one roped key shared by
@@ -403,8 +429,7 @@ class Attention(nn.Module):
         if flash_mla_usable(q, kv, self.kv_lora_rank):  # DeepSeek's kernel on H100-class GPUs; else the reference:
             y = flash_mla_attention(q, kv, self.kv_lora_rank, pos, self.scale)  # (B, n_head, T, rank)
         else:
-            k, v = kv.unsqueeze(1), kv[..., : self.kv_lora_rank].unsqueeze(1)  # (B, 1, S, rank + rope), (B, 1, S, rank)
-            y = causal_attention(q, k, v, pos, self.attn_impl, self.scale)  # (B, n_head, T, rank)
+            y = latent_attention(q, kv, self.kv_lora_rank, pos, self.attn_impl, self.scale)  # (B, n_head, T, rank)
         return torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # (B, n_head, T, v_dim)
 
 
