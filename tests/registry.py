@@ -268,7 +268,10 @@ MODELS = [
             eos_token_id=0,
         ),
         bench_preset="tiny_moe",
-        bench_quick=dict(BENCH_QUICK, moe_intermediate_size=32),
+        # transformers' DeepseekV3ForCausalLM trains on the cross-entropy alone: no MTP module, no
+        # sequence-wise balance loss, so bench/'s twins run without both (the architecture is the same)
+        bench_config=dict(BENCH_CPU, n_mtp=0, seq_aux_loss_coef=0.0),
+        bench_quick=dict(BENCH_QUICK, moe_intermediate_size=32, n_mtp=0, seq_aux_loss_coef=0.0),
         presets={"deepseek_v3": 671e9, "deepseek_v3_16b": 15.7e9},  # published, rounded: 671B; 15.7B (V2-Lite)
     ),
 ]
