@@ -604,6 +604,10 @@ def load(path, **overrides) -> Transformer:
     if cfg.n_mtp and not any(k.startswith("mtp.") for k in state):
         # diff vs qwen3: ... unless the caller asked for it (n_mtp=1): the module keeps its initial values
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("mtp.")})
+    if "n_mtp" in overrides:  # diff vs qwen3: MTP layers the caller chose not to load (n_mtp=0 on the published
+        # checkpoint, for inference) are left unread rather than refused as unexpected keys
+        extra = re.compile(r"layers\.(\d+)\.")
+        state = {k: v for k, v in state.items() if not (m := extra.match(k)) or int(m.group(1)) < cfg.n_layer}
     load_state_dict_strict(model, state)
     return model
 

@@ -288,3 +288,16 @@ def test_a_transformers_checkpoint_loads_with_a_fresh_mtp_module_when_asked(tmp_
     mtp = {k: v for k, v in fresh.state_dict().items() if k.startswith("mtp.")}
     assert mtp
     assert_state_equal(loaded.state_dict(), {**main, **mtp})
+
+
+def test_n_mtp_0_loads_a_checkpoint_with_an_mtp_layer_without_it(tmp_path):
+    """The published checkpoint holds its MTP layer; inference asks for n_mtp=0 and skips it."""
+    model = small_model(seed=4)
+    model.save_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path, n_mtp=0)
+    assert loaded.cfg.n_mtp == 0
+    assert_state_equal(loaded.state_dict(), {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+    with pytest.raises(KeyError, match="unexpected"):  # a layer beyond the config's, asked for nothing, still refused
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+        Transformer.from_pretrained(tmp_path)
