@@ -5,6 +5,7 @@ and falls on Shakespeare; a resumed run restores the biases."""
 
 import math
 import os
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,18 @@ def test_bias_moves_by_gamma_toward_the_underloaded_experts():
     assert (router_biases(model) - before)[-1, :2].tolist() == [gamma, -gamma]
     assert torch.equal(router_biases(model)[-1, 2:], before[-1, 2:])
     assert extras.step_load.sum() == 0  # the next step counts afresh
+
+
+def test_router_biases_are_left_out_of_adamw():
+    """The biases take no gradient and AdamW never holds them: only TrainingExtras moves them."""
+    from deepseek3.train import make_optimizer
+
+    model = SPEC.build()
+    args = Namespace(weight_decay=0.1, lr=1e-3, beta1=0.9, beta2=0.95)
+    held = {id(p) for group in make_optimizer(model, args, torch.device("cpu")).param_groups for p in group["params"]}
+    biases = [m.router.bias for m in model.modules() if hasattr(m, "router")]  # the MTP block's too
+    assert len(biases) == 2 and not any(id(b) in held for b in biases)
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_mtp_loss_is_finite_and_falls_on_shakespeare(tmp_path):
