@@ -1,6 +1,6 @@
 """Pretrain DeepSeek-V3 on one CPU, one GPU, or many GPUs with DDP or FSDP2 — the same file for all.
 
-    python deepseek3/train.py                               # tiny model, bundled Shakespeare, CPU, ~1 min
+    python deepseek3/train.py                               # tiny model, bundled Shakespeare, CPU, ~3 min
     python deepseek3/train.py --preset tiny_moe             # tiny DeepSeekMoE
     torchrun --nproc_per_node 8 deepseek3/train.py --preset deepseek_v3_16b --parallel fsdp --data-dir data/fineweb10B
     python deepseek3/train.py --generate --prompt "ROMEO:"  # sample from the last checkpoint
