@@ -299,7 +299,7 @@ def parse_args(argv=None):
     g.add_argument("--scale-rewards", default="group", choices=("group", "batch", "none"), help="advantage std")
     g.add_argument("--log-completions", action="store_true", help="write every rollout to completions.jsonl")
     # the SFT run's output: GRPO needs a policy whose samples already earn some reward. The dense reward
-    # ('partial') tells a near miss from a far one where exact match gives most groups one value
+    # ('partial') tells a near miss from a far one, where exact match gives a group of misses no advantage
     p.set_defaults(init_from="out/sft", steps=300, batch_size=32, lr=1e-3, reward="partial", out_dir="out/grpo")
     args = p.parse_args(argv)
     rules = [
@@ -479,7 +479,7 @@ def lr_at(step, args):
 @dataclasses.dataclass(frozen=True)
 class ToyTask:
     """Prompts drawn from a seeded RNG, answers computed from the prompt. Letters and numbers are
-    written with spaces so each is one GPT-2 token: 'reverse: c a t =' -> ' t a c'."""
+    written with spaces so each is one token, GPT-2's or task_vocabulary's: 'reverse: c a t =' -> ' t a c'."""
 
     name: str
     make: callable  # random.Random -> prompt

@@ -317,7 +317,7 @@ def lr_at(step, args):
 @dataclasses.dataclass(frozen=True)
 class ToyTask:
     """Prompts drawn from a seeded RNG, answers computed from the prompt. Letters and numbers are
-    written with spaces so each is one GPT-2 token: 'reverse: c a t =' -> ' t a c'."""
+    written with spaces so each is one token, GPT-2's or task_vocabulary's: 'reverse: c a t =' -> ' t a c'."""
 
     name: str
     make: callable  # random.Random -> prompt
