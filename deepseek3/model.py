@@ -698,11 +698,12 @@ class MTP(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
     def forward(self, h, next_emb, cos, sin):
-        # h, next_emb: (B, T, n_embd) -> (B, T, n_embd) normalised for the head
+        # h, next_emb: (B, T, n_embd) -> (B, T, n_embd) normalised for the head, and the block's routing
+        # as Block returns it (None, None if dense), so its MoE layer is balanced as the main ones are
         # [embedding; hidden] in this order, as the published eh_proj expects (eq. 21 writes the reverse)
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
-        x, _, _ = self.block(x, cos, sin)
-        return self.norm(x)
+        x, scores, experts = self.block(x, cos, sin)
+        return self.norm(x), scores, experts
 
 
 # -----------------------------------------------------------------------------
@@ -867,10 +868,13 @@ class Transformer(nn.Module):
         # diff vs qwen3: MTP and the balance loss regularise training only, so eval loss stays the
         # cross-entropy, comparable with other models and transformers'
         if loss is not None and self.training and self.mtp and T > 1:
-            mtp_loss = self.mtp_loss(x, idx, targets, cos, sin)
+            mtp_loss, mtp_scores, mtp_experts = self.mtp_loss(x, idx, targets, cos, sin)
             loss = loss + self.cfg.mtp_loss_weight * mtp_loss  # eq. 25
             if aux is not None:
                 aux["mtp_loss"] = mtp_loss.detach()
+            if mtp_scores is not None:  # the MTP block's MoE layer is balanced too, after the main layers
+                scores.append(mtp_scores)
+                experts.append(mtp_experts)
         add_balance = loss is not None and self.training and self.cfg.seq_aux_loss_coef > 0
         if scores and (add_balance or aux is not None):
             # eq. 17 per MoE layer, summed over the layers; every token counts, ignore_index ones included
@@ -879,15 +883,18 @@ class Transformer(nn.Module):
                 loss = loss + self.cfg.seq_aux_loss_coef * balance
             if aux is not None:  # in any mode; detached, so a logger never holds on to the graph
                 aux["load_balancing_loss"] = balance.detach()  # unweighted: the loss adds coef times this
-                aux["expert_load"] = torch.stack([expert_load(e, self.cfg.n_experts) for e in experts])  # (n_moe, E)
+                # (rows, E), one row per MoE layer that ran: the main model's in layer order, then the MTP
+                # block's when a training forward ran it (eval and target-free forwards report fewer rows)
+                aux["expert_load"] = torch.stack([expert_load(e, self.cfg.n_experts) for e in experts])
         return logits, loss
 
     def mtp_loss(self, h, idx, targets, cos, sin):
         """Cross-entropy of the MTP depth (eq. 24): position i sees h_i (after the final norm) and token
         i+1, and predicts targets[:, i+1], the token after that; the last position has no such target.
-        Token i+1 is read from idx, not targets, so an ignored (-100) target never reaches the embedding."""
-        h = self.mtp[0](h[:, :-1], self.tok_emb(idx[:, 1:]), cos[:-1], sin[:-1])  # (B, T-1, n_embd)
-        return self.lm_head(h, targets[:, 1:])
+        Token i+1 is read from idx, not targets, so an ignored (-100) target never reaches the embedding.
+        Returns the loss and the MTP block's routing (scores, experts) over B*(T-1) tokens, or None, None."""
+        h, scores, experts = self.mtp[0](h[:, :-1], self.tok_emb(idx[:, 1:]), cos[:-1], sin[:-1])
+        return self.lm_head(h, targets[:, 1:]), scores, experts
 
     def make_cache(self, batch_size, max_seq_len=None):
         cfg = self.cfg

@@ -8,11 +8,11 @@
 Sections, in the same order in every model's train.py: arguments, distributed set-up, model and
 wrapping, optimizer and schedule, data, checkpointing, the loop, a final sample.
 Changes from qwen3/train.py: auxiliary-loss-free balancing (report sec. 2.1.2) — after each optimizer step
-`TrainingExtras` moves every MoE router's bias by gamma toward the under-loaded experts, from the expert load
-summed over the step's micro-batches and the data-parallel ranks, so all replicas keep the same biases (the
-bias is a Parameter without gradient, kept out of AdamW by `make_optimizer`); the logs add the MTP loss. The
-lambda-weighted MTP loss and the alpha-weighted sequence-wise balance loss are already in the model's training
-loss (model.py); `TRAINING_DEFAULTS` holds the report's deepseek_v3 recipe.
+`TrainingExtras` moves every MoE router's bias (the MTP block's too) by gamma toward the under-loaded experts,
+from the expert load summed over the step's micro-batches and the data-parallel ranks, so all replicas keep
+the same biases (the bias is a Parameter without gradient, kept out of AdamW by `make_optimizer`); the logs
+add the MTP loss. The lambda-weighted MTP loss and the alpha-weighted sequence-wise balance loss are already in
+the model's training loss (model.py); `TRAINING_DEFAULTS` holds the report's deepseek_v3 recipe.
 """
 
 import argparse
@@ -652,9 +652,10 @@ class TrainingExtras:
 
     def __init__(self, model, args, device):
         cfg = model.cfg
-        # the MoE layers, in the order of the rows of the forward's aux["expert_load"]. The MTP block's
-        # router is not among them: the forward does not report its load, so its bias stays as loaded
-        self.moe_layers = [block.mlp for block in model.layers if hasattr(block.mlp, "router")]
+        # the MoE layers, in the order of the rows of the forward's aux["expert_load"]: the main model's,
+        # then the MTP blocks' (DeepSeek balances every MoE layer, the MTP module's included)
+        blocks = [*model.layers, *(mtp.block for mtp in model.mtp)]
+        self.moe_layers = [block.mlp for block in blocks if hasattr(block.mlp, "router")]
         self.gamma = cfg.bias_update_speed
         self.active_params = model.num_params(active=True)
         self.step_load = torch.zeros(len(self.moe_layers), cfg.n_experts, device=device)  # this step, this rank
@@ -668,8 +669,11 @@ class TrainingExtras:
         return f" ({self.active_params:,} active per token)" if self.moe_layers else ""
 
     def after_forward(self, aux):
-        if "expert_load" in aux:
-            self.step_load += aux["expert_load"]  # (MoE layers, n_experts) (token, pick) pairs per expert
+        if "expert_load" in aux:  # (MoE layers that ran, n_experts) (token, pick) pairs per expert
+            load = aux["expert_load"]
+            # a forward that skipped the MTP module (a 1-token sequence) reports the main layers' rows only:
+            # the MTP rows get no load from it, and a router without load keeps its bias (sign(0) = 0)
+            self.step_load[: load.size(0)] += load
         for name, key in self.figures.items():
             if key in aux:
                 self.sums[name] += aux[key]

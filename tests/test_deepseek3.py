@@ -110,16 +110,43 @@ def test_training_loss_adds_mtp_and_balance_terms():
     _, ce = model(idx, targets)
     expected = ce + model.cfg.mtp_loss_weight * aux["mtp_loss"] + 0.01 * aux["load_balancing_loss"]
     torch.testing.assert_close(loss, expected)
-    assert aux["mtp_loss"] > 0 and aux["expert_load"].shape == (1, model.cfg.n_experts)
+    assert aux["mtp_loss"] > 0
     # the MTP term is the main model's hidden state and the next token through the MTP block and head
     model.train()
     cos, sin = model.rope_cos[:10], model.rope_sin[:10]
     h = model.tok_emb(idx)
     for layer in model.layers:
         h = layer(h, cos, sin)[0]
-    mtp_h = model.mtp[0](model.norm(h)[:, :-1], model.tok_emb(idx[:, 1:]), cos[:9], sin[:9])
+    mtp_h = model.mtp[0](model.norm(h)[:, :-1], model.tok_emb(idx[:, 1:]), cos[:9], sin[:9])[0]
     expected_mtp = torch.nn.functional.cross_entropy(model.lm_head(mtp_h).flatten(0, 1), targets[:, 1:].flatten())
     torch.testing.assert_close(aux["mtp_loss"], expected_mtp)
+
+
+def test_mtp_blocks_moe_layer_is_in_the_balance_loss_and_the_expert_load():
+    """Every MoE layer is balanced (report sec. 2.1.2), the MTP block's included: a training forward reports
+    one expert_load row per MoE layer that ran, the main layers' first, then the MTP block's (over the T-1
+    positions it sees), and the balance loss sums eq. 17 over all of them. Eval forwards skip the MTP block."""
+    model = randomize_(SPEC.build()).train()
+    moes = [block.mlp for block in [*model.layers, model.mtp[0].block] if hasattr(block.mlp, "router")]
+    assert len(moes) == 2  # layer 1 and the MTP block (layer index n_layer)
+    routing = []
+    for moe in moes:
+        moe.register_forward_hook(lambda module, inputs, out: routing.append((module, out[1], out[2])))
+    B, T = 2, 10
+    idx = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+    aux = {}
+    model(idx, torch.roll(idx, -1, dims=1), aux=aux)
+    assert [module for module, _, _ in routing] == moes  # run in row order
+    E, k = model.cfg.n_experts, model.cfg.n_experts_per_tok
+    expected_load = torch.stack([model_py.expert_load(experts, E) for _, _, experts in routing])
+    assert torch.equal(aux["expert_load"], expected_load)
+    assert aux["expert_load"].sum(-1).tolist() == [B * T * k, B * (T - 1) * k]
+    expected_balance = sum(model_py.sequence_balance_loss(s, e, B) for _, s, e in routing)
+    torch.testing.assert_close(aux["load_balancing_loss"], expected_balance)
+    model.eval()
+    aux = {}
+    model(idx, torch.roll(idx, -1, dims=1), aux=aux)
+    assert aux["expert_load"].shape == (1, E)  # the main layer only
 
 
 def test_sequence_balance_loss_is_one_when_routing_is_even():

@@ -22,8 +22,10 @@ FAST_BIAS = "--set=bias_update_speed=0.1"
 
 
 def router_biases(model):
-    """(MoE layers, n_experts): the main MoE layers' router biases, whole (gathered where FSDP shards them)."""
-    biases = [block.mlp.router.bias for block in model.layers if hasattr(block.mlp, "router")]
+    """(MoE layers, n_experts): the router biases of the main MoE layers, then the MTP block's, whole
+    (gathered where FSDP shards them)."""
+    blocks = [*model.layers, *(mtp.block for mtp in model.mtp)]
+    biases = [block.mlp.router.bias for block in blocks if hasattr(block.mlp, "router")]
     return torch.stack([b.full_tensor() if isinstance(b, DTensor) else b for b in biases]).detach().cpu()
 
 
@@ -59,7 +61,7 @@ def test_biases_stay_identical_on_every_rank_and_equal_one_process(parallel, rec
     args = train_args(SPEC, toy_data, tmp_path / parallel, "--max-steps", STEPS, FAST_BIAS)
     run_ranks(SPEC, *args, "--parallel", parallel)
     expected = saved_biases(tmp_path / "single")
-    assert expected[-1].abs().sum() > 0  # the biases moved
+    assert expected[-1].shape[0] == 2 and expected[-1].abs().sum(-1).min() > 0  # both routers' biases moved
     for rank in range(2):
         assert [torch.equal(a, b) for a, b in zip(saved_biases(tmp_path / parallel, rank), expected)] == [True] * STEPS
     assert losses(metrics(tmp_path / parallel)) == pytest.approx(losses(single), abs=1e-5)
@@ -71,9 +73,9 @@ def test_bias_moves_by_gamma_toward_the_underloaded_experts():
     from deepseek3.train import TrainingExtras
 
     gamma = 0.25  # a power of two: the expected biases are exact
-    model = SPEC.build(bias_update_speed=gamma, n_layer=3).train()  # MoE layers 1 and 2
+    model = SPEC.build(bias_update_speed=gamma, n_layer=3).train()  # MoE layers 1 and 2, and the MTP block
     extras = TrainingExtras(model, None, torch.device("cpu"))
-    routers = [block.mlp.router for block in model.layers if hasattr(block.mlp, "router")]
+    routers = [block.mlp.router for block in [*model.layers, model.mtp[0].block] if hasattr(block.mlp, "router")]
     n_experts = model.cfg.n_experts
     with torch.no_grad():
         for router in routers:
@@ -92,6 +94,40 @@ def test_bias_moves_by_gamma_toward_the_underloaded_experts():
     assert (router_biases(model) - before)[-1, :2].tolist() == [gamma, -gamma]
     assert torch.equal(router_biases(model)[-1, 2:], before[-1, 2:])
     assert extras.step_load.sum() == 0  # the next step counts afresh
+
+
+def test_mtp_router_bias_moves_by_gamma_toward_its_underloaded_experts():
+    """The MTP block's MoE layer is balanced as the main ones: over a few steps of two micro-batches each,
+    its bias moves by exactly gamma * sign(mean - load), the load being what its router picked. A step
+    whose only forward skips the MTP block (one token, nothing after next to predict) leaves its bias."""
+    from deepseek3.train import TrainingExtras
+
+    gamma = 0.25  # a power of two: the expected biases are exact
+    model = SPEC.build(bias_update_speed=gamma).train()
+    extras = TrainingExtras(model, None, torch.device("cpu"))
+    mtp_router = model.mtp[0].block.mlp.router
+    assert extras.moe_layers[-1].router is mtp_router  # its row is the last
+    picks = []
+    mtp_router.register_forward_hook(lambda router, inputs, out: picks.append(out[1]))
+    generator = torch.Generator().manual_seed(4)
+    for step in range(3):
+        before, picks = mtp_router.bias.clone(), []
+        for _micro in range(2):
+            idx = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=generator)
+            aux = {}
+            model(idx, idx, aux=aux)
+            extras.after_forward(aux)
+        extras.after_step(model)
+        load = torch.bincount(torch.cat(picks).flatten(), minlength=model.cfg.n_experts).float()
+        assert torch.equal(mtp_router.bias, before + gamma * torch.sign(load.mean() - load)), step
+    assert mtp_router.bias.abs().sum() > 0
+    before, main_before = mtp_router.bias.clone(), router_biases(model)[0]
+    aux = {}
+    model(idx[:, :1], idx[:, :1], aux=aux)
+    assert aux["expert_load"].shape[0] == 1  # the main MoE layer's row only
+    extras.after_forward(aux)
+    extras.after_step(model)
+    assert torch.equal(mtp_router.bias, before) and not torch.equal(router_biases(model)[0], main_before)
 
 
 def test_router_biases_are_left_out_of_adamw():
