@@ -274,6 +274,74 @@ MODELS = [
         bench_quick=dict(BENCH_QUICK, moe_intermediate_size=32, n_mtp=0, seq_aux_loss_coef=0.0),
         presets={"deepseek_v3": 671e9, "deepseek_v3_16b": 15.7e9},  # published, rounded: 671B; 15.7B (V2-Lite)
     ),
+    ModelSpec(
+        name="kimi_k2",
+        package="kimi_k2",
+        # deepseek3's small model routed as K2 routes: 6 experts in one group (no group limit), 2 per token, 1
+        # shared, no MTP module; RoPE unscaled here (kimi_k2_yarn below runs K2's YaRN)
+        small=dict(
+            vocab_size=97,
+            block_size=64,
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            intermediate_size=80,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=12,
+            rope_factor=None,
+            n_experts=6,
+            n_experts_per_tok=2,
+            moe_intermediate_size=24,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            n_mtp=0,
+        ),
+        # transformers has no kimi_k2 class; K2's checkpoints are DeepSeek-V3's layout, so the oracle is
+        # DeepseekV3ForCausalLM on the same weights: 8 experts in a single group, 3 per token, K2's
+        # routed_scaling_factor, and a config.json that ours writes as K2's (model_type kimi_k2, 4.x rope)
+        hf_class="DeepseekV3ForCausalLM",
+        hf_config=dict(
+            vocab_size=101,
+            max_position_embeddings=64,
+            hidden_size=36,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            intermediate_size=52,
+            moe_intermediate_size=20,
+            q_lora_rank=20,
+            kv_lora_rank=14,
+            qk_nope_head_dim=6,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_group=1,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.827,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_theta=50000.0,
+            num_nextn_predict_layers=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        bench_preset="tiny_moe",
+        # as deepseek3's twins: transformers' DeepseekV3ForCausalLM trains without the balance loss
+        bench_config=dict(BENCH_CPU, seq_aux_loss_coef=0.0),
+        bench_quick=dict(BENCH_QUICK, moe_intermediate_size=32, seq_aux_loss_coef=0.0),
+        # the K2 report's 1.04T total is 1.3% above the published weights' 1,026,408,232,448 (without FP8
+        # scales; tests/test_kimi_k2.py asserts that exact count), so the tolerance is 1.5%
+        presets={"kimi_k2": 1.04e12},
+        preset_rel_tol=0.015,
+    ),
 ]
 
 
