@@ -400,6 +400,11 @@ class Attention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(-1, self.n_head, -1, -1)], dim=-1)  # (B, n_head, S, qk)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, n_head, T, qk)
+        if self.training:  # diff vs deepseek3: QK-Clip's statistic (K2 report sec. 2.1), read by Transformer.forward
+            with torch.no_grad():  # S_max^h, each head's largest pre-softmax logit; the fused kernel hides them
+                logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, n_head, T, S)
+                causal = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril(S - q.size(2))
+                self.logit_max = logits.masked_fill(~causal, -math.inf).amax(dim=(0, 2, 3)).float()  # (n_head,)
         return causal_attention(q, k, v, pos, self.attn_impl, self.scale)  # (B, n_head, T, v_dim)
 
     def absorbed(self, q_nope, q_rope, kv, pos):
@@ -517,7 +522,7 @@ class Router(nn.Module):
         # x: (N, n_embd) -> weights (N, k) in x's dtype, experts (N, k) ids, affinities (N, n_experts) float32
         with torch.autocast(x.device.type, enabled=False):  # fp32 logits: near-tied experts rank the same in bf16
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # eq. 15
+        scores = (logits * 1).sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # eq. 15
         biased = scores + self.bias  # eq. 16: for the choice only
         if self.n_group > 1:
             N, E = biased.shape
@@ -684,11 +689,12 @@ class MTP(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
     def forward(self, h, next_emb, cos, sin):
-        # h, next_emb: (B, T, n_embd) -> (B, T, n_embd) normalised for the head
+        # h, next_emb: (B, T, n_embd) -> (B, T, n_embd) normalised for the head, and the block's routing
+        # as Block returns it (None, None if dense), so its MoE layer is balanced as the main ones are
         # [embedding; hidden] in this order, as the published eh_proj expects (eq. 21 writes the reverse)
         x = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(h)], dim=-1))
-        x, _, _ = self.block(x, cos, sin)
-        return self.norm(x)
+        x, scores, experts = self.block(x, cos, sin)
+        return self.norm(x), scores, experts
 
 
 # -----------------------------------------------------------------------------
@@ -846,6 +852,8 @@ class Transformer(nn.Module):
             if layer_scores is not None:
                 scores.append(layer_scores)
                 experts.append(layer_experts)
+        if aux is not None and self.training and cache is None:  # diff vs deepseek3: QK-Clip's statistic
+            aux["attn_logit_max"] = torch.stack([layer.attn.logit_max for layer in self.layers])  # (n_layer, n_head)
         # with targets: (None, loss), the logits never materialised (LMHead's chunked cross-entropy, a
         # () float32 mean over the targets that are not -100); without: (logits (B, T, vocab_size), None)
         x = self.norm(x)
@@ -853,10 +861,13 @@ class Transformer(nn.Module):
         # diff vs qwen3: MTP and the balance loss regularise training only, so eval loss stays the
         # cross-entropy, comparable with other models and transformers'
         if loss is not None and self.training and self.mtp and T > 1:
-            mtp_loss = self.mtp_loss(x, idx, targets, cos, sin)
+            mtp_loss, mtp_scores, mtp_experts = self.mtp_loss(x, idx, targets, cos, sin)
             loss = loss + self.cfg.mtp_loss_weight * mtp_loss  # eq. 25
             if aux is not None:
                 aux["mtp_loss"] = mtp_loss.detach()
+            if mtp_scores is not None:  # the MTP block's MoE layer is balanced too, after the main layers
+                scores.append(mtp_scores)
+                experts.append(mtp_experts)
         add_balance = loss is not None and self.training and self.cfg.seq_aux_loss_coef > 0
         if scores and (add_balance or aux is not None):
             # eq. 17 per MoE layer, summed over the layers; every token counts, ignore_index ones included
@@ -865,15 +876,18 @@ class Transformer(nn.Module):
                 loss = loss + self.cfg.seq_aux_loss_coef * balance
             if aux is not None:  # in any mode; detached, so a logger never holds on to the graph
                 aux["load_balancing_loss"] = balance.detach()  # unweighted: the loss adds coef times this
-                aux["expert_load"] = torch.stack([expert_load(e, self.cfg.n_experts) for e in experts])  # (n_moe, E)
+                # (rows, E), one row per MoE layer that ran: the main model's in layer order, then the MTP
+                # block's when a training forward ran it (eval and target-free forwards report fewer rows)
+                aux["expert_load"] = torch.stack([expert_load(e, self.cfg.n_experts) for e in experts])
         return logits, loss
 
     def mtp_loss(self, h, idx, targets, cos, sin):
         """Cross-entropy of the MTP depth (eq. 24): position i sees h_i (after the final norm) and token
         i+1, and predicts targets[:, i+1], the token after that; the last position has no such target.
-        Token i+1 is read from idx, not targets, so an ignored (-100) target never reaches the embedding."""
-        h = self.mtp[0](h[:, :-1], self.tok_emb(idx[:, 1:]), cos[:-1], sin[:-1])  # (B, T-1, n_embd)
-        return self.lm_head(h, targets[:, 1:])
+        Token i+1 is read from idx, not targets, so an ignored (-100) target never reaches the embedding.
+        Returns the loss and the MTP block's routing (scores, experts) over B*(T-1) tokens, or None, None."""
+        h, scores, experts = self.mtp[0](h[:, :-1], self.tok_emb(idx[:, 1:]), cos[:-1], sin[:-1])
+        return self.lm_head(h, targets[:, 1:]), scores, experts
 
     def make_cache(self, batch_size, max_seq_len=None):
         cfg = self.cfg

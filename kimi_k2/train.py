@@ -7,9 +7,14 @@
 
 Sections, in the same order in every model's train.py: arguments, distributed set-up, model and
 wrapping, optimizer and schedule, data, checkpointing, the loop, a final sample.
-Changes from deepseek3/train.py: none yet (the architecture is DeepSeek-V3's, so is its training here:
-auxiliary-loss-free balancing in `TrainingExtras`, AdamW in `make_optimizer`); MuonClip (K2 report sec. 2.1)
-is to replace the optimizer.
+Changes from deepseek3/train.py: MuonClip (K2 report sec. 2.1, Algorithm 1) replaces AdamW. `make_optimizer`
+returns one optimizer: Muon (Nesterov momentum, Newton-Schulz orthogonalisation, update RMS matched to AdamW's
+by 0.2 sqrt(max(A, B)), decoupled weight decay) for every hidden weight matrix, each routed expert's on its
+own, and AdamW for the embedding, head, norms and router weights, at the same --lr and --weight-decay; under
+FSDP each 2-D matrix is gathered whole to be orthogonalised. `TrainingExtras` keeps DeepSeek-V3's bias
+balancing and adds QK-Clip: after each optimizer step, every head whose largest pre-softmax logit of the step
+(S_max, reported by the model's forward, the max over micro-batches and ranks) exceeded tau = 100 has its
+query and key weights scaled so that its logits shrink by tau / S_max. No MTP module in K2, so no MTP loss.
 """
 
 import argparse
@@ -641,21 +646,32 @@ def check_memory(plan, capacity, args, world_size, device):
 
 
 class TrainingExtras:
-    """DeepSeek-V3's auxiliary-loss-free balancing (report sec. 2.1.2): each forward reports the tokens
-    each routed expert received; after each optimizer step those loads, summed over the step's
-    micro-batches and over the data-parallel ranks, move every MoE router's bias by gamma toward balance,
-    identically on every rank. Logs the sequence-wise balance loss and the MTP loss (both already in the
-    training loss) and how evenly the experts were loaded. Dense without MTP: no-ops."""
+    """DeepSeek-V3's auxiliary-loss-free balancing (its report sec. 2.1.2), which K2 keeps, and MuonClip's
+    QK-Clip (K2 report sec. 2.1, Algorithm 1). Each forward reports the tokens each routed expert received
+    and, per layer and head, S_max, the largest pre-softmax attention logit; after each optimizer step the
+    loads, summed over the step's micro-batches and the data-parallel ranks, move every MoE router's bias by
+    gamma toward balance, and every head whose S_max (the max over the micro-batches and ranks) exceeds tau
+    has its query and key weights scaled down so that its logits shrink by tau / S_max. All identically on
+    every rank. Logs the balance loss, how evenly the experts were loaded and the largest S_max."""
+
+    # K2 report sec. 2.1 and 4: tau = 100 for K2's pretraining, a threshold its logits reached early and
+    # then stayed under once QK-Clip had brought them there
+    qk_clip_tau = 100.0
 
     def __init__(self, model, args, device):
         cfg = model.cfg
-        # the MoE layers, in the order of the rows of the forward's aux["expert_load"]. The MTP block's
-        # router is not among them: the forward does not report its load, so its bias stays as loaded
-        self.moe_layers = [block.mlp for block in model.layers if hasattr(block.mlp, "router")]
+        # the MoE layers, in the order of the rows of the forward's aux["expert_load"]: the main model's,
+        # then the MTP blocks' (DeepSeek balances every MoE layer, the MTP module's included)
+        blocks = [*model.layers, *(mtp.block for mtp in model.mtp)]
+        self.moe_layers = [block.mlp for block in blocks if hasattr(block.mlp, "router")]
         self.gamma = cfg.bias_update_speed
         self.active_params = model.num_params(active=True)
         self.step_load = torch.zeros(len(self.moe_layers), cfg.n_experts, device=device)  # this step, this rank
         self.load = torch.zeros_like(self.step_load)  # all ranks, since the last summary
+        # QK-Clip: the attention layers, in the order of the rows of the forward's aux["attn_logit_max"]
+        self.attentions = [block.attn for block in model.layers]
+        self.step_logit_max = torch.full((cfg.n_layer, cfg.n_head), -math.inf, device=device)  # this step, rank
+        self.logit_max = torch.full((), -math.inf, device=device)  # all heads and ranks, since the last summary
         # figure logged -> the aux key it averages
         self.figures = {"aux_loss": "load_balancing_loss", "mtp_loss": "mtp_loss"}
         self.sums = {name: torch.zeros((), device=device) for name in self.figures}
@@ -665,33 +681,66 @@ class TrainingExtras:
         return f" ({self.active_params:,} active per token)" if self.moe_layers else ""
 
     def after_forward(self, aux):
-        if "expert_load" in aux:
-            self.step_load += aux["expert_load"]  # (MoE layers, n_experts) (token, pick) pairs per expert
+        if "expert_load" in aux:  # (MoE layers that ran, n_experts) (token, pick) pairs per expert
+            load = aux["expert_load"]
+            # a forward that skipped the MTP module (a 1-token sequence) reports the main layers' rows only:
+            # the MTP rows get no load from it, and a router without load keeps its bias (sign(0) = 0)
+            self.step_load[: load.size(0)] += load
+        if "attn_logit_max" in aux:  # (n_layer, n_head) S_max of this micro-batch
+            torch.maximum(self.step_logit_max, aux["attn_logit_max"], out=self.step_logit_max)
         for name, key in self.figures.items():
             if key in aux:
                 self.sums[name] += aux[key]
                 self.counts[name] += 1
 
     def after_step(self, model):
-        """b_i += gamma * sign(mean load - load_i) in each MoE layer (sec. 2.1.2): an overloaded expert's
-        bias falls, an underloaded one's rises. The load is summed over the ranks first, so every replica
-        applies the same update and the biases never drift apart; under FSDP each rank updates its rows."""
-        if not self.moe_layers:
-            return
+        """Balancing: b_i += gamma * sign(mean load - load_i) in each MoE layer (DeepSeek-V3 sec. 2.1.2): an
+        overloaded expert's bias falls, an underloaded one's rises. QK-Clip (K2 Algorithm 1): a head h with
+        S_max^h > tau gets gamma_h = tau / S_max^h, and its weights, as the optimizer left them, are scaled:
+        q_nope's and k_nope's by sqrt(gamma_h), q_rope's by gamma_h, so that each of its logits
+        q_nope . k_nope + q_rope . k_rope is gamma_h times what these weights give; the rope key k_rope is
+        shared by all heads and left alone. Loads and S_max are reduced over the ranks first (SUM, MAX), so
+        every replica applies the same update; under FSDP each rank updates its rows."""
+        if self.moe_layers:
+            if dist.is_initialized():
+                dist.all_reduce(self.step_load)  # SUM: the load of the whole global batch
+            with torch.no_grad():
+                for moe, load in zip(self.moe_layers, self.step_load, strict=True):
+                    bias = moe.router.bias
+                    update = self.gamma * torch.sign(load.mean() - load)  # (n_experts,)
+                    local = bias.to_local() if isinstance(bias, DTensor) else bias
+                    local += local_part(update, bias).to(local.dtype)
+            self.load += self.step_load
+            self.step_load.zero_()
+
+        def clip_heads(attn, gamma):
+            """Scale MLA's per-head query and key rows by gamma (n_head,): the query projection's (wq, or wq_b
+            after the low-rank query) rows [q_nope; q_rope] of each head by [sqrt(gamma); gamma], wkv_b's rows
+            [k_nope; v] by [sqrt(gamma); 1] (values are not in the logits)."""
+            root = gamma.sqrt()[:, None]  # (n_head, 1)
+            q_rows = torch.cat([root.expand(-1, attn.nope_dim), gamma[:, None].expand(-1, attn.rope_dim)], dim=1)
+            kv_rows = torch.cat([root.expand(-1, attn.nope_dim), torch.ones_like(root).expand(-1, attn.v_dim)], dim=1)
+            query = attn.wq if attn.q_direct else attn.wq_b
+            for linear, rows in ((query, q_rows), (attn.wkv_b, kv_rows)):
+                w = linear.weight
+                local = w.to_local() if isinstance(w, DTensor) else w
+                local.mul_(local_part(rows.flatten(), w)[:, None].to(local.dtype))  # (out rows, 1)
+
         if dist.is_initialized():
-            dist.all_reduce(self.step_load)  # SUM: the load of the whole global batch
+            dist.all_reduce(self.step_logit_max, op=dist.ReduceOp.MAX)
+        over = self.step_logit_max > self.qk_clip_tau  # (n_layer, n_head); False for -inf (nothing reported)
+        gammas = torch.where(over, self.qk_clip_tau / self.step_logit_max, 1.0)
         with torch.no_grad():
-            for moe, load in zip(self.moe_layers, self.step_load, strict=True):
-                bias = moe.router.bias
-                update = self.gamma * torch.sign(load.mean() - load)  # (n_experts,)
-                local = bias.to_local() if isinstance(bias, DTensor) else bias
-                local += local_part(update, bias).to(local.dtype)
-        self.load += self.step_load
-        self.step_load.zero_()
+            for attn, gamma, clipped in zip(self.attentions, gammas, over.tolist(), strict=True):
+                if any(clipped):  # gamma 1 everywhere would leave the weights as they are
+                    clip_heads(attn, gamma)
+        self.logit_max = torch.maximum(self.logit_max, self.step_logit_max.max())
+        self.step_logit_max.fill_(-math.inf)
 
     def summary(self):
-        """Mean balance and MTP losses over all ranks, and max/mean tokens per expert in the most
-        unbalanced MoE layer (1.0 is even), since the last summary."""
+        """Mean balance and MTP losses over all ranks, max/mean tokens per expert in the most unbalanced
+        MoE layer (1.0 is even), and the largest pre-softmax attention logit of any head (before QK-Clip),
+        since the last summary."""
         figures = {
             name: all_mean(self.sums[name] / self.counts[name]).item() for name in self.figures if self.counts[name]
         }
@@ -699,6 +748,9 @@ class TrainingExtras:
             imbalance = self.load.max(dim=-1).values / self.load.mean(dim=-1).clamp(min=1e-9)
             figures["expert_load_max_over_mean"] = imbalance.max().item()
             self.load.zero_()
+        if math.isfinite(self.logit_max.item()):  # already the max over the ranks
+            figures["max_attention_logit"] = self.logit_max.item()
+            self.logit_max.fill_(-math.inf)
         for name in self.figures:
             self.sums[name].zero_()
             self.counts[name] = 0
@@ -710,13 +762,123 @@ class TrainingExtras:
 
 
 def make_optimizer(model, args, device):
-    # decay matrices (embeddings, linear weights); not biases or norm gains. The routers' biases take no
-    # gradient (TrainingExtras.after_step moves them): left out, so no optimizer update or state touches them
-    trained = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trained if p.dim() >= 2]
-    no_decay = [p for p in trained if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    """MuonClip's optimizer (K2 report sec. 2.1 and Algorithm 1; Moonlight, Liu et al. 2025, sec. 2): Muon for
+    every hidden weight matrix — attention projections, dense and shared MLPs, and each routed expert's
+    matrices, orthogonalised one expert at a time — and AdamW for the rest: the embedding, the output head,
+    norm gains and router weights. The routers' biases take no gradient (TrainingExtras.after_step moves them):
+    left out of both. One optimizer object with both kinds of group, so the loop's schedule (each group's
+    "lr"), clipping and checkpoints treat it as they treat AdamW; Muon's RMS matching lets both share --lr
+    and --weight-decay, as K2 does. QK-Clip, the other half of MuonClip, is in TrainingExtras.after_step."""
+
+    class MuonWithAdamW(torch.optim.Optimizer):
+        """Groups with "muon": True take Muon's update (torch.optim.Muon's with adjust_lr_fn="match_rms_adamw",
+        extended to (experts, out, in) stacks and FSDP shards); the others torch's AdamW, through its
+        functional form. Nesterov momentum M <- mu M + (1 - mu) G, orthogonalised O = NS5(G + mu (M - G)),
+        W <- W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) O: an update whose RMS is about AdamW's, 0.2 (Moonlight
+        eq. 4), for any A x B matrix."""
+
+        def __init__(self, groups, lr, betas, eps, momentum, ns_steps, ns_coefficients, ns_dtype):
+            muon = dict(momentum=momentum, ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_eps=1e-7)
+            super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, muon=False, **muon))
+            self.ns_dtype = ns_dtype  # not a group setting: checkpoints need not know how NS ran
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                with_grad = [p for p in group["params"] if p.grad is not None]
+                if with_grad:
+                    (self.muon_step if group["muon"] else self.adamw_step)(group, with_grad)
+
+        def muon_step(self, group, params):
+            mu, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+            for p in params:
+                momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                momentum.lerp_(p.grad, 1 - mu)
+                nesterov = p.grad.lerp(momentum, mu)
+                update = self.orthogonalised_part(nesterov, group)  # this process's rows of O
+                A, B = p.shape[-2:]  # one matrix's (out, in), for an expert stack too
+                local = p.to_local() if isinstance(p, DTensor) else p
+                local.mul_(1 - lr * decay)  # decoupled weight decay, as AdamW's (Moonlight eq. 3)
+                local.add_(update.to(local.dtype), alpha=-lr * 0.2 * math.sqrt(max(A, B)))
+
+        def orthogonalised_part(self, update, group):
+            """NS5 of each whole matrix of `update`, returned as the part this process holds. FSDP shards by
+            rows (dim 0): an expert stack's shard holds whole experts, orthogonalised where they are; a 2-D
+            matrix is gathered whole (every process runs the same iteration on it) and cut back to its rows."""
+            steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+            if not isinstance(update, DTensor):
+                return self.newton_schulz(update, steps, coefficients, group["ns_eps"])
+            if update.dim() == 3 and all(p.is_shard(0) for p in update.placements):
+                return self.newton_schulz(update.to_local(), steps, coefficients, group["ns_eps"])
+            whole = self.newton_schulz(update.full_tensor(), steps, coefficients, group["ns_eps"])
+            return local_part(whole, update)
+
+        def newton_schulz(self, G, steps, coefficients, eps):
+            """The quintic Newton-Schulz iteration of torch.optim.Muon (Jordan et al. 2024), applied to the
+            last two dims: X <- a X + (b X X^T + c (X X^T)^2) X, from X = G / ||G||_F, drives every singular
+            value of G towards 1 (near U V^T of G's SVD) in a few matrix products."""
+            a, b, c = coefficients
+            X = G.to(self.ns_dtype, copy=True)
+            tall = G.size(-2) > G.size(-1)
+            if tall:  # iterate on the wide orientation: X X^T is then the smaller square
+                X = X.mT
+            # the Frobenius norm bounds the spectral norm: every singular value starts in [0, 1]
+            norm = X.norm() if X.dim() == 2 else X.norm(dim=(-2, -1), keepdim=True)  # per expert
+            X.div_(norm.clamp(min=eps))
+            matmul_add = torch.addmm if X.dim() == 2 else torch.baddbmm  # beta * input + alpha * (m1 @ m2)
+            for _ in range(steps):
+                gram = X @ X.mT
+                polynomial = matmul_add(gram, gram, gram, beta=b, alpha=c)
+                X = matmul_add(X, polynomial, X, beta=a)
+            return X.mT if tall else X
+
+        def adamw_step(self, group, params):
+            from torch.optim.adamw import adamw
+
+            state = [self.state[p] for p in params]
+            for p, s in zip(params, state, strict=True):
+                if not s:  # torch.optim.AdamW's state layout, so its checkpoints read the same
+                    s.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            adamw(
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in state],
+                [s["exp_avg_sq"] for s in state],
+                [],
+                [s["step"] for s in state],
+                amsgrad=False,
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
+
+    def is_hidden_matrix(name, p):
+        # router weights score experts (Moonlight and K2 keep them on AdamW); tok_emb and lm_head are the
+        # vocabulary's tables, not maps between hidden spaces
+        return p.dim() in (2, 3) and not name.startswith(("tok_emb.", "lm_head.")) and "router" not in name
+
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon = [p for name, p in trained if is_hidden_matrix(name, p)]
+    adamw = [p for name, p in trained if not is_hidden_matrix(name, p)]
+    groups = [
+        {"params": muon, "weight_decay": args.weight_decay, "muon": True},
+        {"params": [p for p in adamw if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in adamw if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return MuonWithAdamW(
+        groups,
+        lr=args.lr,
+        betas=(args.beta1, args.beta2),
+        eps=1e-8,
+        momentum=0.95,  # Muon's, as Moonlight and K2 train with
+        ns_steps=5,
+        ns_coefficients=(3.4445, -4.7750, 2.0315),  # torch.optim.Muon's (Keller Jordan's)
+        # bf16 where it is fast (torch.optim.Muon's choice on GPU); fp32 on CPU, where bf16 matmuls are slower
+        ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    )
 
 
 def lr_at(step, args):
