@@ -522,7 +522,7 @@ class Router(nn.Module):
         # x: (N, n_embd) -> weights (N, k) in x's dtype, experts (N, k) ids, affinities (N, n_experts) float32
         with torch.autocast(x.device.type, enabled=False):  # fp32 logits: near-tied experts rank the same in bf16
             logits = F.linear(x.float(), self.weight.float())
-        scores = (logits * 1).sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # eq. 15
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # eq. 15
         biased = scores + self.bias  # eq. 16: for the choice only
         if self.n_group > 1:
             N, E = biased.shape
