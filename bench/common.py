@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tests.registry import MODELS, by_name, randomize_
+from tests.registry import MODELS, by_name, hf_from_pretrained, randomize_
 
 # -----------------------------------------------------------------------------
 # Arguments, our model, its transformers twin
@@ -94,7 +94,7 @@ def hf_twin(ours, hf_class, attn_implementation="sdpa"):
     p = next(ours.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
-        theirs = getattr(transformers, hf_class).from_pretrained(tmp, attn_implementation=attn_implementation)
+        theirs = hf_from_pretrained(hf_class, tmp, attn_implementation=attn_implementation)  # kimi_k2's too
     return theirs.to(p.device, p.dtype)
 
 

@@ -278,7 +278,7 @@ MODELS = [
         name="kimi_k2",
         package="kimi_k2",
         # deepseek3's small model routed as K2 routes: 6 experts in one group (no group limit), 2 per token, 1
-        # shared, no MTP module; RoPE unscaled here (kimi_k2_yarn below runs K2's YaRN)
+        # shared, no MTP module; RoPE unscaled here (tests/test_kimi_k2.py runs K2's YaRN against transformers)
         small=dict(
             vocab_size=97,
             block_size=64,
@@ -471,3 +471,19 @@ def import_transformers(name="transformers"):
     import pytest
 
     return pytest.importorskip(name)
+
+
+def hf_from_pretrained(hf_class, path, **kwargs):
+    """transformers' `hf_class`.from_pretrained(path) on a directory ours saved. A config.json whose
+    model_type has no transformers class (Kimi K2's "kimi_k2": DeepSeek-V3's layout under Moonshot's
+    remote code) is read into hf_class's own config class, model_type left out: transformers picks its
+    conversion of per-expert weights by model_type, and under a name it does not know it leaves the
+    experts unloaded (randomly initialised, with a warning). The caller has imported transformers."""
+    import json
+    from pathlib import Path
+
+    cls = getattr(importlib.import_module("transformers"), hf_class)
+    saved = json.loads((Path(path) / "config.json").read_text())
+    if saved.get("model_type") not in (None, cls.config_class.model_type):
+        kwargs["config"] = cls.config_class(**{k: v for k, v in saved.items() if k != "model_type"})
+    return cls.from_pretrained(path, **kwargs)

@@ -14,10 +14,10 @@ import torch
 
 from kimi_k2 import hf
 from kimi_k2.model import Config, Transformer
-from registry import import_transformers, randomize_
+from registry import hf_from_pretrained, import_transformers, randomize_
 from test_deepseek3_checkpoints import QUANTIZED, dequantize_blocks, quantize_blocks
 
-# moonshotai/Kimi-K2-Instruct's config.json as published (Kimi-K2-Base's differs in no field read here)
+# moonshotai/Kimi-K2-Instruct's config.json, as published
 PUBLISHED = {
     "architectures": ["DeepseekV3ForCausalLM"],
     "attention_bias": False,
@@ -215,10 +215,8 @@ def test_k2_yarn_matches_deepseek_v3_for_causal_lm_both_ways(tmp_path):
     with torch.no_grad():
         assert (ours(idx)[0] - theirs(idx).logits).abs().max().item() <= 1e-4
     randomize_(ours, seed=3)
-    ours.save_pretrained(tmp_path / "ours")  # K2's spelling: transformers' config class reads it
-    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
-    config = transformers.DeepseekV3Config(**{k: v for k, v in saved.items() if k != "model_type"})
-    back = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", config=config).eval()
+    ours.save_pretrained(tmp_path / "ours")  # K2's spelling, read into transformers' DeepseekV3Config
+    back = hf_from_pretrained("DeepseekV3ForCausalLM", tmp_path / "ours").eval()
     with torch.no_grad():
         assert (back(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from registry import MODELS, VARIANTS, import_transformers, randomize_
+from registry import MODELS, VARIANTS, hf_from_pretrained, import_transformers, randomize_
 
 transformers = import_transformers()  # skipped without it, except in CI
 
@@ -18,19 +18,6 @@ def hf_model(spec, seed=0):
     model = cls(cls.config_class(**spec.hf_config)).eval()
     randomize_(model, seed)
     return model
-
-
-def hf_from_pretrained(spec, path):
-    """transformers' from_pretrained on a directory ours saved. A config.json whose model_type has no
-    transformers class (Kimi K2's "kimi_k2": DeepSeek-V3's layout under Moonshot's remote code) is read
-    into the oracle's own config class, model_type left out: transformers picks its conversion of
-    per-expert weights by model_type, and under a name it does not know it leaves the experts unloaded."""
-    cls = getattr(transformers, spec.hf_class)
-    saved = json.loads((path / "config.json").read_text())
-    if saved.get("model_type") in (None, cls.config_class.model_type):
-        return cls.from_pretrained(path).eval()
-    config = cls.config_class(**{k: v for k, v in saved.items() if k != "model_type"})
-    return cls.from_pretrained(path, config=config).eval()
 
 
 def hf_format(spec):
@@ -61,7 +48,7 @@ def test_ours_to_hf(spec, tmp_path):
     ours = spec.model.Transformer(config).eval()
     randomize_(ours, seed=3)
     ours.save_pretrained(tmp_path)
-    theirs = hf_from_pretrained(spec, tmp_path)
+    theirs = hf_from_pretrained(spec.hf_class, tmp_path).eval()
     idx = random_ids(config.vocab_size, spec.parity_seq_len)
     with torch.no_grad():
         expected, _ = ours(idx)
@@ -85,7 +72,7 @@ def test_sharded_save_loads_back_in_both(spec, tmp_path):
     expected = ours.state_dict()
     assert reloaded.state_dict().keys() == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items())
-    theirs = hf_from_pretrained(spec, tmp_path)
+    theirs = hf_from_pretrained(spec.hf_class, tmp_path).eval()
     idx = random_ids(config.vocab_size, spec.parity_seq_len)
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], rtol=0, atol=1e-4)
