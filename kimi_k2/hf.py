@@ -4,8 +4,10 @@ per expert, in model.safetensors or in numbered shards listed by model.safetenso
 config.json is DeepSeek-V3's with `"model_type": "kimi_k2"`, an `auto_map` naming Moonshot's remote code
 (a copy of DeepSeek's), the 4.x spelling (`rope_theta` beside `rope_scaling` with `"type": "yarn"`, no
 `rope_parameters`), `num_nextn_predict_layers: 0` and an FP8 `quantization_config`. transformers has no
-kimi_k2 class: its `DeepseekV3ForCausalLM` loads these directories (it warns about the model_type), and
-`AutoConfig` needs Moonshot's remote code. Reads K2's config and transformers' own deepseek_v3 one in
+kimi_k2 class and `AutoConfig` needs Moonshot's remote code; its `DeepseekV3ForCausalLM` loads these
+directories given the config.json read as a `DeepseekV3Config` (transformers 5 picks its per-expert weight
+conversion by model_type: under "kimi_k2" it leaves the experts at random, tests/registry.py's
+hf_from_pretrained). Reads K2's config and transformers' own deepseek_v3 one in
 both spellings (>= 5's `rope_parameters` too); writes K2's layout and spelling back. FP8 checkpoints
 (float8_e4m3fn weights in 128 x 128 blocks with `weight_scale_inv`, as DeepSeek-V3's) are dequantised on
 load; `save` writes unquantised weights and so no quantization_config, and writes the `auto_map` as
