@@ -123,6 +123,14 @@ def test_config_json_round_trips(preset):
     assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(cfg)))) == expected
 
 
+def test_config_json_round_trips_every_yarn_field():
+    yarn = dict(rope_original_block_size=2048, rope_beta_fast=2.0, rope_beta_slow=0.5, rope_mscale=0.8)
+    cfg = Config.from_preset("kimi_k2", rope_factor=16.0, rope_mscale_all_dim=0.7, rope_truncate=False, **yarn)
+    written = hf.config_to_hf(cfg)
+    assert written["rope_scaling"]["truncate"] is False and written["rope_scaling"]["mscale"] == 0.8
+    assert hf.config_from_hf(json.loads(json.dumps(written))) == cfg
+
+
 def test_save_pretrained_writes_model_type_kimi_k2_and_the_4x_rope_spelling(tmp_path):
     model = Transformer(Config.from_preset("tiny_moe", n_layer=2, rope_factor=4.0, rope_original_block_size=64))
     model.save_pretrained(tmp_path)
