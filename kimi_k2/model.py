@@ -75,6 +75,9 @@ class Config:
     # multi-token prediction (sec. 2.2)
     n_mtp: int = 0  # D: MTP depths, 0 or 1 (K2 is released without one)
     mtp_loss_weight: float = 0.3  # lambda: weight of the MTP loss (eq. 25; 0.3 for the first 10T tokens)
+    # QK-Clip (K2 report sec. 2.1, Algorithm 1): a training setting, not written to config.json; train.py's
+    # TrainingExtras reads and checks it, so that __post_init__ stays deepseek3's copy (tests/test_copies.py)
+    qk_clip_tau: float = 100.0  # tau: a head whose max pre-softmax logit passes it is scaled back to it (sec. 2.1, 4)
     moe_impl: str = "grouped"  # "grouped" (tokens sorted by expert, grouped matmuls) or "loop" (the reference)
     attn_impl: str = "sdpa"  # "sdpa" (fused kernel) or "math" (explicit softmax, the reference)
     init_std: float = 0.02  # std of the normal initialisation

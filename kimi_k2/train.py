@@ -654,10 +654,6 @@ class TrainingExtras:
     has its query and key weights scaled down so that its logits shrink by tau / S_max. All identically on
     every rank. Logs the balance loss, how evenly the experts were loaded and the largest S_max."""
 
-    # K2 report sec. 2.1 and 4: tau = 100 for K2's pretraining, a threshold its logits reached early and
-    # then stayed under once QK-Clip had brought them there
-    qk_clip_tau = 100.0
-
     def __init__(self, model, args, device):
         cfg = model.cfg
         # the MoE layers, in the order of the rows of the forward's aux["expert_load"]: the main model's,
@@ -670,6 +666,11 @@ class TrainingExtras:
         self.load = torch.zeros_like(self.step_load)  # all ranks, since the last summary
         # QK-Clip: the attention layers, in the order of the rows of the forward's aux["attn_logit_max"]
         self.attentions = [block.attn for block in model.layers]
+        # K2 report sec. 2.1 and 4: tau = 100 for K2's pretraining, a threshold its logits reached early and
+        # then stayed under once QK-Clip had brought them there; a Config field, so --set qk_clip_tau=30 works
+        if not cfg.qk_clip_tau > 0:
+            raise ValueError(f"Config.qk_clip_tau must be > 0, got {cfg.qk_clip_tau!r}")
+        self.tau = cfg.qk_clip_tau
         self.step_logit_max = torch.full((cfg.n_layer, cfg.n_head), -math.inf, device=device)  # this step, rank
         self.logit_max = torch.full((), -math.inf, device=device)  # all heads and ranks, since the last summary
         # figure logged -> the aux key it averages
@@ -728,8 +729,8 @@ class TrainingExtras:
 
         if dist.is_initialized():
             dist.all_reduce(self.step_logit_max, op=dist.ReduceOp.MAX)
-        over = self.step_logit_max > self.qk_clip_tau  # (n_layer, n_head); False for -inf (nothing reported)
-        gammas = torch.where(over, self.qk_clip_tau / self.step_logit_max, 1.0)
+        over = self.step_logit_max > self.tau  # (n_layer, n_head); False for -inf (nothing reported)
+        gammas = torch.where(over, self.tau / self.step_logit_max, 1.0)
         with torch.no_grad():
             for attn, gamma, clipped in zip(self.attentions, gammas, over.tolist(), strict=True):
                 if any(clipped):  # gamma 1 everywhere would leave the weights as they are

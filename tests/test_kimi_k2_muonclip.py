@@ -7,6 +7,7 @@ a resumed run restores both optimizers' state."""
 
 import os
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,13 @@ def reference_logit_max(model, idx):
     return torch.stack(found)
 
 
+def with_config(model, **overrides):
+    """A copy of model, the same weights, whose Config differs by overrides."""
+    twin = type(model)(replace(model.cfg, **overrides))
+    twin.load_state_dict(model.state_dict())
+    return twin.train(model.training)
+
+
 def forward_logit_max(model, idx):
     aux = {}
     with torch.no_grad():
@@ -165,9 +173,9 @@ def forward_logit_max(model, idx):
 
 @pytest.mark.parametrize("q_lora_rank", [24, None], ids=["wq_b", "wq"])
 def test_qk_clip_caps_the_clipped_heads_and_leaves_the_others(q_lora_rank):
-    """The forward reports S_max per layer and head; with tau between the heads' S_max, after_step scales the
-    heads above it so that the next forward's S_max is tau (one layer: its input is unchanged), and leaves
-    the other heads' weights, the values' rows and the shared rope key bit for bit."""
+    """The forward reports S_max per layer and head; with Config.qk_clip_tau between the heads' S_max,
+    after_step scales the heads above it so that the next forward's S_max is tau (one layer: its input is
+    unchanged), and leaves the other heads' weights, the values' rows and the shared rope key bit for bit."""
     from kimi_k2.train import TrainingExtras
 
     model = SPEC.build(n_layer=1, q_lora_rank=q_lora_rank).train()
@@ -177,12 +185,12 @@ def test_qk_clip_caps_the_clipped_heads_and_leaves_the_others(q_lora_rank):
     idx = torch.randint(0, SPEC.small["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     before = forward_logit_max(model, idx)
     torch.testing.assert_close(before, reference_logit_max(model, idx))
-    tau = before.median().item()
+    tau = before.median().item()  # far under K2's 100: QK-Clip must take tau from the Config
+    model = with_config(model, qk_clip_tau=tau)
     clipped = before[0] > tau
     assert 0 < clipped.sum() < model.cfg.n_head
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     extras = TrainingExtras(model, None, CPU)
-    extras.qk_clip_tau = tau
     extras.after_forward({"attn_logit_max": before})
     extras.after_step(model)
     after = forward_logit_max(model, idx)
@@ -228,25 +236,34 @@ def test_qk_clip_takes_the_max_over_micro_batches_and_skips_heads_under_tau():
     assert sorted(changed) == ["layers.1.attn.wkv_b.weight", "layers.1.attn.wq_b.weight"], changed
 
 
+def test_qk_clip_tau_is_a_config_field_set_from_the_command_line():
+    from kimi_k2.train import TrainingExtras, parse_overrides
+
+    assert parse_overrides(["qk_clip_tau=30"]) == {"qk_clip_tau": 30.0}
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"Config.qk_clip_tau must be > 0, got"):
+            TrainingExtras(SPEC.build(qk_clip_tau=bad), None, CPU)
+
+
 # -----------------------------------------------------------------------------
 # Distributed and resumed runs
 
 STEPS = 4
 # below the small model's logits (about 0.01 to 0.1 at init) so that QK-Clip acts at every step
 LOW_TAU = 0.02
+SET_LOW_TAU = f"--set=qk_clip_tau={LOW_TAU}"
 
 
 @pytest.fixture
 def record_clipping(monkeypatch):
-    """QK-Clip at LOW_TAU; each rank saves, after every step, the step's S_max (reduced over the ranks)
-    and the whole query projection it then holds into <out_dir>/clip_rank<R>.pt."""
+    """Each rank saves, after every step, the step's S_max (reduced over the ranks) and the whole query
+    projection it then holds into <out_dir>/clip_rank<R>.pt; the runs set QK-Clip's tau to LOW_TAU."""
     import kimi_k2.train as train
 
     class Recording(train.TrainingExtras):
-        qk_clip_tau = LOW_TAU
-
         def __init__(self, model, args, device):
             super().__init__(model, args, device)
+            assert self.tau == LOW_TAU, "--set qk_clip_tau did not reach QK-Clip"
             self.path = Path(args.out_dir) / f"clip_rank{os.environ.get('RANK', 0)}.pt"
             self.history = []
 
@@ -269,9 +286,10 @@ def test_fsdp_two_ranks_train_as_one_process(record_clipping, toy_data, tmp_path
     """2 gloo ranks with one micro-batch each = one process with both: Muon orthogonalises whole matrices
     (gathered) and each rank keeps its rows; S_max is the max over the ranks, so both ranks clip alike and
     hold the single process's weights."""
-    args = train_args(SPEC, toy_data, tmp_path / "single", "--max-steps", STEPS)
+    args = train_args(SPEC, toy_data, tmp_path / "single", "--max-steps", STEPS, SET_LOW_TAU)
     single = run_in_process(SPEC, *args, "--total-batch-tokens", 2 * 4 * 16)
-    run_ranks(SPEC, *train_args(SPEC, toy_data, tmp_path / "fsdp", "--max-steps", STEPS), "--parallel", "fsdp")
+    fsdp = train_args(SPEC, toy_data, tmp_path / "fsdp", "--max-steps", STEPS, SET_LOW_TAU)
+    run_ranks(SPEC, *fsdp, "--parallel", "fsdp")
     expected = recorded(tmp_path / "single")
     ranks = [recorded(tmp_path / "fsdp", rank) for rank in range(2)]
     assert all((s > LOW_TAU).any() for s, _ in expected)  # clipping at every step
@@ -287,8 +305,8 @@ def test_fsdp_two_ranks_train_as_one_process(record_clipping, toy_data, tmp_path
 def test_resume_restores_both_optimizers(record_clipping, toy_data, tmp_path):
     """--stop-after then --resume continues bit for bit: Muon's momentum and AdamW's moments and step come
     back from the checkpoint (a fresh Muon momentum or AdamW step would change the later losses)."""
-    whole = run_in_process(SPEC, *train_args(SPEC, toy_data, tmp_path / "whole", "--max-steps", 6))
-    args = train_args(SPEC, toy_data, tmp_path / "split", "--max-steps", 6)
+    whole = run_in_process(SPEC, *train_args(SPEC, toy_data, tmp_path / "whole", "--max-steps", 6, SET_LOW_TAU))
+    args = train_args(SPEC, toy_data, tmp_path / "split", "--max-steps", 6, SET_LOW_TAU)
     first = run_in_process(SPEC, *args, "--stop-after", 3)
     state = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["optim"]["state"]
     assert "layers.0.attn.wq_a.weight" in state and "tok_emb.weight" in state
