@@ -12,6 +12,8 @@ matrix, where AdamW does a few elementwise operations per parameter; the embeddi
 AdamW in both. For scale the time of one forward and backward of the same batch is printed beside
 them. QK-Clip adds nothing to the step unless a head's logit passes tau; the S_max statistic costs
 one extra q k^T per layer in the training forward (included in the forward+backward time).
+Beside the timings, a check that the Muon being timed is K2's: one step's update of each Muon matrix (weight
+decay taken out) has an RMS of about 0.2 lr, the RMS matching that lets Muon share AdamW's lr (Moonlight eq. 4).
 """
 
 import argparse
@@ -56,6 +58,27 @@ def adamw(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
 
 
+def copy_with_gradients(model):
+    """A deep copy of model holding clones of its gradients (deepcopy leaves a Parameter's .grad behind)."""
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return twin
+
+
+def muon_update_rms(model, args, device):
+    """Per Muon matrix (each expert its own), RMS of one step's update over lr, on a copy of model holding its
+    gradients; W (1 - lr wd) is the decay part of the step, taken out. About 0.2: Newton-Schulz's singular
+    values land near, not at, 1."""
+    optimizer = make_optimizer(copy_with_gradients(model), args, device)
+    matrices = [p for g in optimizer.param_groups if g["muon"] for p in g["params"]]
+    before = [p.detach().clone() for p in matrices]
+    optimizer.step()
+    decay = 1 - args.lr * args.weight_decay
+    updates = [(p - w * decay).reshape(-1, *p.shape[-2:]) for p, w in zip(matrices, before, strict=True)]
+    return torch.cat([u.square().mean(dim=(-2, -1)).sqrt() / args.lr for u in updates])  # (matrices,)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = setup(args)
@@ -69,10 +92,9 @@ def main(argv=None):
         loss.backward()
 
     forward_backward()
-    copies = {"muon": copy.deepcopy(model), "adamw": copy.deepcopy(model)}
-    for twin in copies.values():  # the same gradients, kept for every step
-        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-            q.grad = None if p.grad is None else p.grad.clone()
+    rms = muon_update_rms(model, OPTIMIZER_ARGS, device)
+    # the same gradients, kept for every step
+    copies = {"muon": copy_with_gradients(model), "adamw": copy_with_gradients(model)}
     optimizers = {
         "muon": make_optimizer(copies["muon"], OPTIMIZER_ARGS, device),
         "adamw": adamw(copies["adamw"], OPTIMIZER_ARGS, device),
@@ -91,6 +113,8 @@ def main(argv=None):
     print(f"Muon step / AdamW step: {ratio:.2f}x (per-repetition ratios p25 {q1:.2f}x .. p75 {q3:.2f}x)")
     share = statistics.median(times["muon"]) / statistics.median(times["forward+backward"])
     print(f"Muon step / forward+backward: {share:.2f}x")
+    low, high = rms.min().item(), rms.max().item()
+    print(f"Muon update RMS / lr over {rms.numel()} matrices: {low:.3f} .. {high:.3f} (Moonlight eq. 4: 0.2)")
     return ratio
 
 

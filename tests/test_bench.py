@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import decode, loss_memory, mfu, mla, moe, train_throughput
+from bench import decode, loss_memory, mfu, mla, moe, muon, train_throughput
 from registry import MODELS, by_name, import_transformers
 
 models = pytest.mark.parametrize("model", [m.name for m in MODELS])
@@ -104,6 +104,19 @@ def test_mla_quick(capsys):
     # the same tokens fed to both forms: fp32 rounding (~1e-6) apart; a wrong absorption or cache is >= 1e-2
     diff = float(re.search(r"max \|absorbed - naive\| (\S+)", out).group(1))
     assert diff <= 1e-4, out
+
+
+def test_muon_quick(capsys):
+    """bench/muon.py on a toy MoE config: both optimizers' steps timed, and the Muon timed is K2's: one step
+    moves each matrix and expert by about 0.2 lr in RMS (NS5 leaves singular values near 0.7..1, so ~0.15..0.2);
+    without the 0.2 sqrt(max(A, B)) scaling it would be under 0.1."""
+    ratio = muon.main(["--quick", "--preset", "tiny_moe"])
+    out = capsys.readouterr().out
+    for label in ("of them on Muon", "muon:", "adamw:", "forward+backward:", "Muon step / AdamW step:"):
+        assert label in out, out
+    assert ratio > 0
+    found = re.search(r"Muon update RMS / lr over (\d+) matrices: (\S+) \.\. (\S+) ", out)
+    assert int(found.group(1)) > 8 and 0.12 <= float(found.group(2)) <= float(found.group(3)) <= 0.25, out
 
 
 def test_moe_layer_runs(capsys):
