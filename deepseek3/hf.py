@@ -255,9 +255,8 @@ HF_MTP_COPIES = {"tok_emb": "embed_tokens", "lm_head": "shared_head.head"}
 
 
 def hf_to_ours(hf_state, cfg):
-    # diff vs qwen3: DeepSeek's FP8 weights to float32. In read_layers_as_ours this makes a quantised
-    # weight one that a conversion transforms: read whole with its scale, dequantised, then cut to a
-    # process's rows (a block's 128 rows share a scale), as GPT-2's fused c_attn is
+    # diff vs qwen3: DeepSeek's FP8 weights to float32, for load; read_layers_as_ours dequantises each
+    # weight as it reads it (read_rows) and hands this function no scales
     hf_state = dequantize_state(hf_state)
     # checkpoints saved from DeepseekV3Model have no "model." prefix; drop RoPE tables (ours come from cfg)
     hf = {k.removeprefix("model."): v for k, v in hf_state.items()}
@@ -508,8 +507,14 @@ def read_layer_as_ours(path, names, cfg, rows_of):
     it reads is freed on return, not kept by the generator's locals while the next layer is read."""
     with ExitStack() as files:
         opened = {f: files.enter_context(safe_open(path / f, "pt")) for f in dict.fromkeys(f for f, _ in names)}
-        slices = {name: opened[f].get_slice(name) for f, name in names}
-        whole = {name: functools.partial(opened[f].get_tensor, name) for f, name in names}
+        # diff vs qwen3: an FP8 weight and its scale are read together and dequantised at once (read_rows),
+        # so the plan, made without the scales, sees it renamed or stacked, not transformed: a process
+        # reads only its experts and its block rows. A scale without its weight stays in the plan and is
+        # refused by name (dequantize_state)
+        file_of = {name: opened[f] for f, name in names}
+        scales = {n for n in file_of if n.endswith(SCALE_SUFFIX) and n.removesuffix(SCALE_SUFFIX) in file_of}
+        slices = {name: opened[f].get_slice(name) for f, name in names if name not in scales}
+        whole = {name: functools.partial(read_rows, file_of, name, None) for name in slices}
         renamed, stacked, transformed = plan_conversion({n: s.get_shape() for n, s in slices.items()}, cfg)
         part = {}
         read = {}  # (HF name, rows) -> tensor: a tied head is the embedding's rows, read once
@@ -517,18 +522,35 @@ def read_layer_as_ours(path, names, cfg, rows_of):
             shape = torch.Size(slices[theirs].get_shape())
             rows = rows_of(ours, shape)
             if (theirs, rows) not in read:
-                read[theirs, rows] = slices[theirs][rows[0] : rows[1]] if rows else whole[theirs]()
+                read[theirs, rows] = read_rows(file_of, theirs, rows)
             part[ours] = (shape, read[theirs, rows])
         for ours, parts in stacked.items():
             shape = torch.Size([len(parts), *slices[parts[0]].get_shape()])
             start, stop = rows_of(ours, shape) or (0, len(parts))
-            empty = slices[parts[0]][0:0].new_empty((0, *shape[1:]))  # a process left without rows
+            empty = read_rows(file_of, parts[0], (0, 0)).new_empty((0, *shape[1:]))  # a process left without rows
             part[ours] = (shape, torch.stack([whole[n]() for n in parts[start:stop]]) if stop > start else empty)
         for ours, tensor in hf_to_ours({n: whole[n]() for n in transformed}, cfg).items():
             if ours not in part:
                 rows = rows_of(ours, tensor.shape)
                 part[ours] = (tensor.shape, tensor[rows[0] : rows[1]].clone() if rows else tensor)
     return part
+
+
+def read_rows(file_of, name, rows):
+    """Rows start:stop of tensor `name` (all if rows is None) from {HF name: open safetensors file}. An FP8
+    weight with a `<name>_scale_inv` comes dequantised: its whole 128-row blocks that hold the rows are read
+    with their rows of the scale (one per block), dequantised, then cut."""
+    scale_name = name + SCALE_SUFFIX
+    if scale_name not in file_of:
+        return file_of[name].get_slice(name)[rows[0] : rows[1]] if rows else file_of[name].get_tensor(name)
+    weight = file_of[name].get_slice(name)
+    start, stop = rows or (0, weight.get_shape()[0])
+    first, last = start // FP8_BLOCK, -(-stop // FP8_BLOCK)  # the blocks that hold rows start:stop
+    blocks = weight[first * FP8_BLOCK : last * FP8_BLOCK]  # (rows of those blocks, in)
+    scale = file_of[scale_name].get_slice(scale_name)[first:last]
+    dequantized = dequantize_fp8(blocks, scale, name)
+    offset = first * FP8_BLOCK
+    return dequantized[start - offset : stop - offset].clone() if rows else dequantized
 
 
 def is_meta_dir(path) -> bool:

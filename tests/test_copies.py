@@ -44,7 +44,7 @@ COPIES = {
     "hf.read_safetensors_layers": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "hf.TouchedTensors": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "hf.plan_conversion": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
-    "hf.read_layer_as_ours": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "hf.read_layer_as_ours": ["gpt2", "llama31", "qwen3"],  # deepseek3: FP8 read per expert
     "hf.read_layers_as_ours": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "hf.is_meta_dir": ["gpt2", "qwen3", "deepseek3", "kimi_k2"],  # llama31 recognises Meta's layout
     # DeepSeek-V3 keeps Qwen 3's MoE machinery (the router and the shared experts differ)
@@ -92,6 +92,7 @@ COPIES = {
     "hf.dequantize_state": ["deepseek3", "kimi_k2"],
     "hf.is_fp8": ["deepseek3", "kimi_k2"],
     "hf.refuse_fp8_without_scale": ["deepseek3", "kimi_k2"],
+    "hf.read_rows": ["deepseek3", "kimi_k2"],
 }
 
 

@@ -16,6 +16,7 @@ from deepseek3 import hf
 from deepseek3 import train as ds3_train
 from deepseek3.model import Config, Transformer
 from registry import import_transformers, randomize_
+from test_sliced_load import CountingSafeOpen
 
 CPU = torch.device("cpu")
 BLOCK = 128
@@ -172,8 +173,8 @@ def test_init_from_dequantizes_bit_for_bit(published):
 
 
 def test_a_process_reading_some_rows_gets_those_rows_of_the_dequantized_weights(published):
-    """read_layers_as_ours as an FSDP process calls it: an FP8 weight is read whole with its scale and
-    cut after dequantising, as the rows of a block share one scale."""
+    """read_layers_as_ours as an FSDP process calls it: an FP8 weight is read in the whole 128-row blocks
+    that hold its rows, with their scales, and cut after dequantising, as the rows of a block share one scale."""
     parts = {}
     for part in hf.read_layers_as_ours(published.path, published.model.cfg, lambda name, shape: (1, 3)):
         parts.update(part)
@@ -181,6 +182,27 @@ def test_a_process_reading_some_rows_gets_those_rows_of_the_dequantized_weights(
     for name, (shape, rows) in parts.items():
         assert shape == published.expected[name].shape, name
         assert torch.equal(rows, published.expected[name][1:3]), name
+
+
+def test_a_process_keeping_half_the_experts_reads_only_those_of_an_fp8_checkpoint(published, monkeypatch):
+    """An FSDP process of two, its rows the first half of every tensor: of the FP8 experts, stacked from
+    one matrix each, it reads (counted through safe_open) only its own with their scales, dequantised bit
+    for bit; DeepSeek-V3 would otherwise read every expert of a layer in each process."""
+    stored = hf.read_safetensors_dir(published.path)
+    counts = {}
+    monkeypatch.setattr(hf, "safe_open", CountingSafeOpen(hf.safe_open, counts))
+    half = lambda name, shape: (0, shape[0] // 2)  # noqa: E731
+    parts = {}
+    for part in hf.read_layers_as_ours(published.path, published.model.cfg, half):
+        parts.update(part)
+    for name, (shape, rows) in parts.items():
+        assert torch.equal(rows, published.expected[name][: shape[0] // 2]), name
+    expert = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(\d+)\.\w+\.weight(_scale_inv)?$")
+    read = {name: n for name, n in counts.items() if expert.match(name)}
+    half_experts = published.model.cfg.n_experts // 2
+    kept = {name: t.numel() for name, t in stored.items() if (m := expert.match(name)) and int(m[1]) < half_experts}
+    assert len(kept) == 2 * 3 * 2 * half_experts  # layer 1 and the MTP block, w1 w2 w3, weight and scale
+    assert read == kept  # each of its experts read once, whole; not one element of the others
 
 
 # -----------------------------------------------------------------------------
