@@ -507,8 +507,9 @@ def unique_prompts(task, rng, n, exclude):
     raise SystemExit(f"--task {task.name}: cannot draw {n} distinct prompts; lower --eval-prompts")
 
 
-def read_pairs(name):
-    """[(prompt, completion)] from a .jsonl/.json or .parquet file, or a hub dataset's train split."""
+def read_table(name, columns):
+    """A .jsonl/.json or .parquet file, or a hub dataset's train split, as a datasets.Dataset that has
+    (at least) `columns`; any problem is one line naming the input."""
     import datasets
 
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(name).suffix)
@@ -517,9 +518,15 @@ def read_pairs(name):
         data = data["train"] if isinstance(data, datasets.DatasetDict) else data
     except Exception as e:  # datasets raises many kinds: one line naming the input
         raise SystemExit(f"--data {name}: cannot read it ({type(e).__name__}: {e})") from None
-    missing = {"prompt", "completion"} - set(data.column_names)
+    missing = set(columns) - set(data.column_names)
     if missing:
         raise SystemExit(f"--data {name}: no {', '.join(sorted(missing))} column (has {', '.join(data.column_names)})")
+    return data
+
+
+def read_pairs(name):
+    """[(prompt, completion)] from a .jsonl/.json or .parquet file, or a hub dataset's train split."""
+    data = read_table(name, ("prompt", "completion"))
     return list(zip(data["prompt"], data["completion"]))
 
 
@@ -619,17 +626,7 @@ class Preferences(Examples):
 def read_preferences(name):
     """[{prompt, chosen, rejected[, ref_chosen_logps, ref_rejected_logps]}] from a .jsonl/.json or .parquet
     file or a hub dataset's train split, plain text (TRL's standard, not conversational, format)."""
-    import datasets
-
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(name).suffix)
-    try:
-        data = datasets.load_dataset(kind, data_files=name, split="train") if kind else datasets.load_dataset(name)
-        data = data["train"] if isinstance(data, datasets.DatasetDict) else data
-    except Exception as e:  # datasets raises many kinds: one line naming the input
-        raise SystemExit(f"--data {name}: cannot read it ({type(e).__name__}: {e})") from None
-    missing = set(PREFERENCE_COLUMNS) - set(data.column_names)
-    if missing:
-        raise SystemExit(f"--data {name}: no {', '.join(sorted(missing))} column (has {', '.join(data.column_names)})")
+    data = read_table(name, PREFERENCE_COLUMNS)
     refs = [c for c in REF_COLUMNS if c in data.column_names]
     if len(refs) == 1:
         raise SystemExit(f"--data {name}: has {refs[0]} but not its partner; precomputed reference log-probs need both")

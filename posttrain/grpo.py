@@ -597,8 +597,9 @@ def unique_prompts(task, rng, n, exclude):
     raise SystemExit(f"--task {task.name}: cannot draw {n} distinct prompts; lower --eval-prompts")
 
 
-def read_pairs(name):
-    """[(prompt, completion)] from a .jsonl/.json or .parquet file, or a hub dataset's train split."""
+def read_table(name, columns):
+    """A .jsonl/.json or .parquet file, or a hub dataset's train split, as a datasets.Dataset that has
+    (at least) `columns`; any problem is one line naming the input."""
     import datasets
 
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(name).suffix)
@@ -607,9 +608,15 @@ def read_pairs(name):
         data = data["train"] if isinstance(data, datasets.DatasetDict) else data
     except Exception as e:  # datasets raises many kinds: one line naming the input
         raise SystemExit(f"--data {name}: cannot read it ({type(e).__name__}: {e})") from None
-    missing = {"prompt", "completion"} - set(data.column_names)
+    missing = set(columns) - set(data.column_names)
     if missing:
         raise SystemExit(f"--data {name}: no {', '.join(sorted(missing))} column (has {', '.join(data.column_names)})")
+    return data
+
+
+def read_pairs(name):
+    """[(prompt, completion)] from a .jsonl/.json or .parquet file, or a hub dataset's train split."""
+    data = read_table(name, ("prompt", "completion"))
     return list(zip(data["prompt"], data["completion"]))
 
 
