@@ -36,20 +36,23 @@ COMMON = (
 GIB = 2**30
 
 
-def run(package, arguments):
-    """train.main on these arguments -> (its printed output, peak bytes allocated, seconds)."""
+def run(package, arguments, device_type="cuda"):
+    """<package>/train.py's main on these arguments, into a scratch --out-dir -> (its printed output, peak
+    CUDA bytes allocated or None off CUDA, seconds)."""
     train = importlib.import_module(f"{package}.train")
     out_dir = tempfile.mkdtemp(prefix="gpu_check_")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     printed = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(printed):
-            train.main(f"{arguments} {COMMON} --out-dir {out_dir}".split())
+            train.main(f"{arguments} --out-dir {out_dir}".split())
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    return printed.getvalue(), torch.cuda.max_memory_allocated(), time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device_type == "cuda" else None
+    return printed.getvalue(), peak, time.perf_counter() - t0
 
 
 def estimate_gib(text):
@@ -80,7 +83,7 @@ def main():
         if not name.startswith(args.only):
             continue
         try:
-            text, peak, seconds = run(package, arguments)
+            text, peak, seconds = run(package, f"{arguments} {COMMON}")
         except Exception as e:  # one failing run must not hide the others' figures
             rows.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | | |")
             print(rows[-1], flush=True)

@@ -18,17 +18,14 @@ Nothing is asserted; every check prints a line, and one summary table closes the
 
 import argparse
 import contextlib
-import importlib
 import io
 import re
-import shutil
-import tempfile
 import time
 import traceback
 
 import torch
 
-from bench import mla
+from bench import gpu_check, mla
 from bench.gpu_check import estimate_gib, last_speed
 from tests.registry import by_name, randomize_
 
@@ -56,24 +53,9 @@ QUICK_STEPS = "--max-steps 4 --warmup-steps 1 --log-every 2 --eval-every 0 --eva
 def train_run(arguments, device):
     """deepseek3/train.py's main on these arguments -> (printed output, peak CUDA bytes or None, seconds).
     One micro-batch per step (--total-batch-tokens), whatever the preset's published recipe says."""
-    train = importlib.import_module("deepseek3.train")
     batch, seq = (int(re.search(rf"--{name} (\d+)", arguments).group(1)) for name in ("batch-size", "seq-len"))
-    out_dir = tempfile.mkdtemp(prefix="gpu_check_deepseek3_")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    printed = io.StringIO()
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(printed):
-            train.main(
-                f"{arguments} --total-batch-tokens {batch * seq} --device {device.type} --dtype bfloat16 "
-                f"--out-dir {out_dir}".split()
-            )
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    return printed.getvalue(), peak, time.perf_counter() - t0
+    extra = f"--total-batch-tokens {batch * seq} --device {device.type} --dtype bfloat16"
+    return gpu_check.run("deepseek3", f"{arguments} {extra}", device.type)
 
 
 def last_loss(text):
