@@ -1,4 +1,4 @@
-"""What the bench scripts share: the models they know (tests/registry.py, the one table for
+"""What the bench scripts share: the models they know (shared/models.py, the one table for
 tests and benchmarks), a Hugging Face twin holding the same weights as ours, and interleaved
 timing.
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tests.registry import MODELS, by_name, hf_from_pretrained, randomize_
+from shared.models import MODELS, by_name, hf_from_pretrained, randomize_
 
 # -----------------------------------------------------------------------------
 # Arguments, our model, its transformers twin
@@ -57,7 +57,7 @@ def build_ours(args, preset=None, **overrides):
     """Our Transformer for args.model: the registry's bench preset and config (or `preset` alone),
     --quick's toy sizes, then `overrides` and --set (parsed by the model's train.py, as its --set is).
 
-    Its weights are random with std 0.1 (registry.randomize_), not the training init: speed does
+    Its weights are random with std 0.1 (shared.models.randomize_), not the training init: speed does
     not depend on them, but the checks printed beside the timings do. On the init's tiny weights a
     model barely depends on position or context (greedy decoding mostly repeats the last token,
     through the tied embedding), so even a decoding bug would leave "tokens match: yes"."""

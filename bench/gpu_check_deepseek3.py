@@ -27,7 +27,7 @@ import torch
 
 from bench import gpu_check, mla
 from bench.gpu_check import estimate_gib, last_speed
-from tests.registry import by_name, randomize_
+from shared.models import by_name, randomize_
 
 GIB = 2**30
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.registry import MODELS, by_name
+from shared.models import MODELS, by_name
 
 
 def import_everything(model_name):

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from tests.registry import MODELS
+from shared.models import MODELS
 
 GIB = 2**30
 MAX_NODES = 64  # 512 GPUs: past this the table says FSDP alone will not do

@@ -23,7 +23,7 @@ import time
 import torch
 
 from bench.common import add_common_args, build_ours, interleaved, quartiles, setup, summary, sync
-from tests.registry import by_name
+from shared.models import by_name
 
 
 def gemm(n, dtype, device, calls):

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from shared.data import fsync_dir
+from shared.models import MODELS
 from shared.tokenizer import ENDOFTEXT, Tokenizer, load_tokenizer
-from tests.registry import MODELS
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -61,7 +61,7 @@ def common_parser(doc):
     m.add_argument(
         "--model",
         choices=SPECS,
-        help="architecture, tests/registry.py's names (default: the one a post-training checkpoint records, "
+        help="architecture, shared/models.py's names (default: the one a post-training checkpoint records, "
         f"else {DEFAULT_MODEL})",
     )
     m.add_argument(

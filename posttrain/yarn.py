@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from shared.data import SHAKESPEARE
-from tests.registry import MODELS
+from shared.models import MODELS
 
 ROPE_MODELS = sorted({m.package for m in MODELS if "rope_type" in m.model.Config.__dataclass_fields__})
 KEY_DIGITS = 5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain import grpo
-from tests.registry import MODELS
+from shared.models import MODELS
 from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")

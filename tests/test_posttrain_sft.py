@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from posttrain import sft
+from shared.models import MODELS
 from shared.tokenizer import load_tokenizer
-from tests.registry import MODELS
 from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
