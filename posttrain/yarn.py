@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from posttrain.common import all_sum
 from shared.data import SHAKESPEARE
 from shared.models import MODELS
 
@@ -136,12 +137,6 @@ def setup_distributed(args):
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
-
-
-def all_sum(x):
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
 
 
 def my_rows(n, rank, world_size):

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from posttrain import dpo
+from posttrain import dpo, tasks
 from shared.models import MODELS
 from shared.tokenizer import load_tokenizer
 from tests.train_helpers import main_on_ranks, metrics
@@ -24,7 +24,7 @@ def tokenizer():
 
 def toy_pairs(n, seed=0):
     args = dpo.parse_args(["--init-from", "none", "--eval-prompts", "4", "--seed", str(seed)])
-    return dpo.Preferences(args).batch(n)
+    return tasks.Preferences(args).batch(n)
 
 
 def summed_logps(model, tokenizer, prompt, completion):
@@ -91,10 +91,10 @@ def test_precomputed_reference_logps_replace_the_reference_model(tokenizer):
 def test_rejected_answers_differ_in_one_word_inside_the_task_vocabulary():
     """A fresh model's default tokenizer is the task vocabulary, which holds add's answers 0..98 only: a
     corruption of 0 or 98 must not step outside it."""
-    vocab, rng = dpo.task_vocabulary(), random.Random(0)
+    vocab, rng = tasks.task_vocabulary(), random.Random(0)
     for answer in (" 0", " 5", " 98", " t a c"):
         for _ in range(20):
-            rejected = dpo.corrupt(answer, rng)
+            rejected = tasks.corrupt(answer, rng)
             assert sum(a != b for a, b in zip(answer.split(), rejected.split())) == 1
             assert vocab.decode(vocab.encode(rejected)) == rejected
 
@@ -106,18 +106,18 @@ def write_jsonl(path, rows):
 
 def test_preference_data_is_read_and_bad_data_refused(tmp_path):
     rows = [{"prompt": f"p{i}", "chosen": " a", "rejected": " b", "other": 1} for i in range(3)]
-    assert dpo.read_preferences(write_jsonl(tmp_path / "ok.jsonl", rows)) == [
+    assert tasks.read_preferences(write_jsonl(tmp_path / "ok.jsonl", rows)) == [
         {"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(3)
     ]
     no_rejected = [{"prompt": "p", "chosen": " a"}]
     with pytest.raises(SystemExit, match="no rejected column"):
-        dpo.read_preferences(write_jsonl(tmp_path / "a.jsonl", no_rejected))
+        tasks.read_preferences(write_jsonl(tmp_path / "a.jsonl", no_rejected))
     half_refs = [{"prompt": "p", "chosen": " a", "rejected": " b", "ref_chosen_logps": -1.0}]
     with pytest.raises(SystemExit, match="ref_chosen_logps but not its partner"):
-        dpo.read_preferences(write_jsonl(tmp_path / "b.jsonl", half_refs))
+        tasks.read_preferences(write_jsonl(tmp_path / "b.jsonl", half_refs))
     conversational = [{"prompt": [{"role": "user", "content": "p"}], "chosen": " a", "rejected": " b"}]
     with pytest.raises(SystemExit, match="plain strings"):
-        dpo.read_preferences(write_jsonl(tmp_path / "c.jsonl", conversational))
+        tasks.read_preferences(write_jsonl(tmp_path / "c.jsonl", conversational))
     with pytest.raises(SystemExit, match="--label-smoothing"):
         dpo.parse_args(["--label-smoothing", "0.1"])
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from posttrain import grpo
+from posttrain import common, grpo, tasks
 from shared.models import MODELS
+from shared.tokenizer import load_tokenizer
 from tests.train_helpers import main_on_ranks, metrics
 
 GPT2 = next(spec for spec in MODELS if spec.name == "gpt2")
@@ -25,7 +26,7 @@ def policy_dir(tmp_path_factory):
     same vector everywhere (gain 0, bias e_0), so each token is drawn from one fixed distribution in which
     EOT has a third of the mass. Completions of different lengths make the token counts differ between
     processes, which the normalisation over all of them must see."""
-    tokenizer = grpo.load_tokenizer("gpt2")
+    tokenizer = load_tokenizer("gpt2")
     model = GPT2.build(seed=0, vocab_size=tokenizer.vocab_size, tie_embeddings=False)
     with torch.no_grad():
         model.norm.weight.zero_()
@@ -56,15 +57,15 @@ def test_logged_loss_is_grpo_loss_of_the_logged_rollouts(policy_dir, tmp_path, l
     logged = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert len(logged) == 2 * 4
     # the same completions, rewarded again, scored by the initial policy (which is also the reference)
-    tokenizer = grpo.load_tokenizer("gpt2")
+    tokenizer = load_tokenizer("gpt2")
     prompts = [tokenizer.encode(r["prompt"]) for r in logged]
-    ids, mask = grpo.collate(prompts, [r["completion_ids"] for r in logged], tokenizer.eot_id, "cpu")
+    ids, mask = tasks.collate(prompts, [r["completion_ids"] for r in logged], tokenizer.eot_id, "cpu")
     texts = [tokenizer.decode([t for t in r["completion_ids"] if t != tokenizer.eot_id]) for r in logged]
     rewards = torch.tensor(completion_length(None, texts))
     assert rewards.tolist() == [r["reward"] for r in logged]
     policy = GPT2.model.Transformer.from_pretrained(policy_dir)
-    logps = grpo.completion_part(grpo.sequence_logps(policy, ids, mask, temperature=1.5), mask)
-    cmask = grpo.completion_part(mask, mask)
+    logps = common.completion_part(common.sequence_logps(policy, ids, mask, temperature=1.5), mask)
+    cmask = common.completion_part(mask, mask)
     loss = grpo.grpo_loss(
         logps,
         None,

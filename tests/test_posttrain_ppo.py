@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain import ppo
+from posttrain import common, ppo
 from shared.models import MODELS
 from tests.train_helpers import main_on_ranks, metrics
 
@@ -102,7 +102,7 @@ def test_values_read_the_state_before_each_token_and_learn():
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
     mask = torch.ones(2, 9)
     logps, values = ppo.logps_and_values(model, model, head, ids, mask)
-    assert torch.equal(logps, ppo.sequence_logps(model, ids, mask))  # the hook changes nothing
+    assert torch.equal(logps, common.sequence_logps(model, ids, mask))  # the hook changes nothing
     changed = ids.clone()
     changed[:, 4] = (ids[:, 4] + 1) % model.cfg.vocab_size
     _, other = ppo.logps_and_values(model, model, head, changed, mask)
