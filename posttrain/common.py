@@ -476,12 +476,15 @@ def everyone_done(done):
     return all_sum(left).item() == 0
 
 
-def rollout(model, examples, tokenizer, prompts, first, step, args, device, group_size=1):
-    """group_size sampled completions of each prompt, group by group -> ids (N, L), mask (N, L), the
-    completions' texts and their rewards (N,). Completion g of prompt j draws from its own seed, a
-    function of the run's seed, the step and the global (j, g) (first: each prompt's global index): the
-    same samples on any number of processes."""
-    G = group_size
+def rollout(model, examples, tokenizer, step, args, rank, world_size, group_size=1):
+    """A step's rollouts: every process draws the same global prompts and takes its share (prompt j goes to
+    rank j % world, so a group stays whole), then samples group_size completions of each -> this process's
+    prompts, ids (N, L), mask (N, L), the completions' texts and their rewards (N,), group by group.
+    Completion g of prompt j draws from its own seed, a function of the run's seed, the step and the
+    global (j, g): the same samples on any number of processes."""
+    prompts = [prompt for prompt, _ in examples.batch(args.batch_size)][rank::world_size]
+    first = [rank + j * world_size for j in range(len(prompts))]  # each prompt's global index
+    G, device = group_size, next(model.parameters()).device
     prompt_ids = [tokenizer.encode(p) for p in prompts for _ in range(G)]
     seeds = [args.seed * 1_000_003 + step * 10_007 * args.batch_size * G + j * G + g for j in first for g in range(G)]
     model.eval()
@@ -492,7 +495,7 @@ def rollout(model, examples, tokenizer, prompts, first, step, args, device, grou
     ids, mask = collate(prompt_ids, completions, tokenizer.eot_id, device)
     texts = decode_texts(tokenizer, completions)
     rewards = examples.reward([p for p in prompts for _ in range(G)], texts)
-    return ids, mask, texts, torch.tensor(rewards, dtype=torch.float32, device=device)
+    return prompts, ids, mask, texts, torch.tensor(rewards, dtype=torch.float32, device=device)
 
 
 def decode_texts(tokenizer, completions):

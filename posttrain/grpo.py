@@ -242,10 +242,7 @@ def train(args):
     before = report_reward(model, examples, tokenizer, args, rank, world_size, 0, metrics.record, log)
     after, throughput = before, Throughput()
     for step in range(args.steps):
-        # every process draws the same global prompts and keeps whole groups: prompt j goes to rank j % world
-        prompts = [prompt for prompt, _ in examples.batch(args.batch_size)][rank::world_size]
-        first = [rank + j * world_size for j in range(len(prompts))]  # each prompt's global index
-        ids, mask, texts, rewards = rollout(model, examples, tokenizer, prompts, first, step, args, device, G)
+        prompts, ids, mask, texts, rewards = rollout(model, examples, tokenizer, step, args, rank, world_size, G)
         advantages = local_part(group_advantages(all_gather(rewards), G, args.scale_rewards), rank)
         cmask = completion_part(mask, mask)  # (N, T): TRL's layout, completions from column 0
         num_items = all_sum(cmask.sum()) / world_size  # TRL's dapo normaliser: global tokens / processes

@@ -245,10 +245,7 @@ def train(args):
     before = report_reward(model, examples, tokenizer, args, rank, world_size, 0, metrics.record, log)
     after, throughput = before, Throughput()
     for step in range(args.steps):
-        # every process draws the same global prompts and samples its share: prompt j goes to rank j % world
-        prompts = [prompt for prompt, _ in examples.batch(args.batch_size)][rank::world_size]
-        first = [rank + j * world_size for j in range(len(prompts))]  # each prompt's global index
-        ids, mask, scores = rollout_batch(model, examples, tokenizer, prompts, first, step, args, device)
+        ids, mask, scores = rollout_batch(model, examples, tokenizer, step, args, rank, world_size)
         batch = score_rollouts(wrapped, model, value_head, reference, ids, mask, scores, args)
         lr = lr_at(step, args)
         for opt in (optimizer, value_optimizer):
@@ -320,12 +317,11 @@ def logps_and_values(wrapped, model, value_head, ids, mask):
     return logps, values
 
 
-def rollout_batch(model, examples, tokenizer, prompts, first, step, args, device):
-    """One sampled completion per prompt -> ids (n, L), mask (n, L) and the scores (n,). Every process's
-    ids have the same L, with at least one padding column after the longest completion: the value of
-    the state after a completion's last token is read there. Prompt j draws from its own seed, a
-    function of the run's seed, the step and j's global index: the same samples on any number of processes."""
-    ids, mask, _, scores = rollout(model, examples, tokenizer, prompts, first, step, args, device)
+def rollout_batch(model, examples, tokenizer, step, args, rank, world_size):
+    """One sampled completion of each of this process's prompts (common.rollout) -> ids (n, L), mask (n, L)
+    and the scores (n,). Every process's ids have the same L, with at least one padding column after the
+    longest completion: the value of the state after a completion's last token is read there."""
+    _, ids, mask, _, scores = rollout(model, examples, tokenizer, step, args, rank, world_size)
     width = all_max(ids.size(1)) + 1
     ids = F.pad(ids, (0, width - ids.size(1)), value=tokenizer.eot_id)
     return ids, F.pad(mask, (0, width - mask.size(1))), scores
