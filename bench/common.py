@@ -68,7 +68,7 @@ def build_ours(args, preset=None, **overrides):
             **base,
             **(spec.bench_quick if args.quick else {}),
             **overrides,
-            **spec.train.parse_overrides(args.set),
+            **spec.infra.parse_overrides(args.set),
         }
         cfg = spec.model.Config.from_preset(preset or spec.bench_preset, **overrides)
     except ValueError as e:  # a bad --set or a Config check: one line, no traceback

@@ -44,7 +44,7 @@ def write_checkpoint(model_name, preset, overrides, path, out):
 
     spec = by_name(model_name)
     torch.manual_seed(0)
-    model = spec.model.Transformer(spec.model.Config.from_preset(preset, **spec.train.parse_overrides(overrides)))
+    model = spec.model.Transformer(spec.model.Config.from_preset(preset, **spec.infra.parse_overrides(overrides)))
     model.save_pretrained(path)
     out.put((model.num_params(), sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))))
 
@@ -73,7 +73,7 @@ def load_fsdp(model_name, path, rank, world_size, port, out):
     args = SimpleNamespace(activation_checkpointing=False, compile=False, init_from=str(path), parallel="fsdp")
     before = peak_rss_mb()
     t0 = time.perf_counter()
-    spec.train.build_model(args, cfg, torch.device("cpu"), torch.float32)
+    spec.infra.build_model(args, cfg, torch.device("cpu"), torch.float32)
     dist.barrier()
     out.put((rank, before, peak_rss_mb(), time.perf_counter() - t0))
     dist.destroy_process_group()

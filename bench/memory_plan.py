@@ -23,7 +23,7 @@ MAX_NODES = 64  # 512 GPUs: past this the table says FSDP alone will not do
 
 def plan(spec, model, world_size, seq_len, checkpointing):
     args = SimpleNamespace(parallel="fsdp", batch_size=1, seq_len=seq_len, activation_checkpointing=checkpointing)
-    return spec.train.memory_plan(model, args, world_size, torch.bfloat16)
+    return spec.infra.memory_plan(model, args, world_size, torch.bfloat16)
 
 
 def nodes_needed(spec, model, gpus, capacity, seq_len):

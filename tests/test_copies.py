@@ -2,8 +2,10 @@
 `diff gpt2/model.py llama31/model.py` (or hf.py) shows only what the architecture changes. A deliberate
 deviation is not listed here and carries a `# diff vs <sibling>: <why>` comment instead."""
 
+import ast
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -113,44 +115,199 @@ def test_copies_are_identical(component):
     assert not drifted, f"{component} in {drifted} differs from {packages[0]}'s; re-copy it or mark the deviation"
 
 
-# train.py: every model's script is gpt2/train.py with its own docstring and model import. What a
-# model changes about training goes into the extension points, identical in name and signature
-# everywhere; nothing else may differ, the training loop included.
+# train.py and infra.py. A definition a model changes or adds on purpose is marked: its first line (or
+# the line above it) carries `# diff vs <sibling>: <why>`. Nothing unmarked may drift or hide.
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "# diff vs "
+PACKAGES = sorted({m.package for m in MODELS})
+
+
+def definitions(text):
+    """{name: (source, marked)} of a module's top-level functions, classes and assignments, and of each
+    class's methods as "Class.method"; decorators belong to the definition."""
+    lines = text.splitlines()
+
+    def entry(node):
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        marked = any(MARK in line for line in lines[max(0, first - 2) : first])
+        return "\n".join(lines[first - 1 : node.end_lineno]), marked
+
+    found = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            found[node.name] = entry(node)
+        if isinstance(node, ast.ClassDef):
+            found |= {f"{node.name}.{f.name}": entry(f) for f in node.body if isinstance(f, ast.FunctionDef)}
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found |= {t.id: entry(node) for t in targets if isinstance(t, ast.Name)}
+    return found
+
+
+def module_text(package, module):
+    return (ROOT / package / f"{module}.py").read_text()
+
+
+def migrated(package):
+    """Whether the package has the train.py + infra.py layout yet; others are skipped until they do."""
+    if not (ROOT / package / "infra.py").exists():
+        pytest.skip(f"{package}: not migrated (no infra.py)")
+
+
+# train.py: every model's script is gpt2/train.py with its own docstring and model import. What a model
+# changes about training goes into the extension points, identical in name and signature everywhere.
 EXTENSION_POINTS = {"make_optimizer", "TrainingExtras"}
 # per-model data, not code: the published training recipes of each model's presets
 MODEL_TABLES = {"TRAINING_DEFAULTS"}
 
 
-def train_definitions(package):
-    """Top-level functions, classes and constants of <package>/train.py."""
-    module = importlib.import_module(f"{package}.train")
-    return {
-        name: obj
-        for name, obj in vars(module).items()
-        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module.__name__ or name.isupper()
-    }
+def signature(text, name):
+    """An extension point's interface: a function's arguments, or a class's methods and theirs."""
+    node = next(n for n in ast.parse(text).body if getattr(n, "name", None) == name)
+    if isinstance(node, ast.ClassDef):
+        return {f.name: ast.unparse(f.args) for f in node.body if isinstance(f, ast.FunctionDef)}
+    return ast.unparse(node.args)
 
 
-def interface(obj):
-    """What the loop relies on: a function's signature, or a class's methods and their signatures."""
-    if inspect.isclass(obj):
-        return {name: str(inspect.signature(f)) for name, f in vars(obj).items() if inspect.isfunction(f)}
-    return str(inspect.signature(obj))
+def skeleton_problems(template_text, text):
+    """What keeps a train.py from being gpt2's skeleton: a missing name, an added one left unmarked, a
+    shared one that drifted, an extension point whose signature changed. [] when it is."""
+    template, ours = definitions(template_text), definitions(text)
+    exempt = EXTENSION_POINTS | MODEL_TABLES
+    top = lambda names: {n for n in names if "." not in n or n.split(".")[0] not in exempt}  # noqa: E731
+    problems = [f"missing {name}" for name in sorted(top(template) - set(ours))]
+    problems += [f"unmarked extra {name}" for name in sorted(top(ours) - set(template)) if not ours[name][1]]
+    shared = (top(template) & set(ours)) - exempt
+    problems += [f"{name} differs" for name in sorted(shared) if ours[name][0] != template[name][0]]
+    points = EXTENSION_POINTS & set(ours) & set(template)
+    problems += [
+        f"{name} changed its signature"
+        for name in sorted(points)
+        if signature(text, name) != signature(template_text, name)
+    ]
+    return problems
 
 
-def definition(obj):
-    return inspect.getsource(obj) if inspect.isfunction(obj) or inspect.isclass(obj) else obj
-
-
-@pytest.mark.parametrize("package", sorted({m.package for m in MODELS} - {"gpt2"}))
+@pytest.mark.parametrize("package", [p for p in PACKAGES if p != "gpt2"])
 def test_train_scripts_share_the_gpt2_skeleton(package):
-    template, ours = train_definitions("gpt2"), train_definitions(package)
-    assert set(ours) == set(template), f"{package}/train.py defines {sorted(set(ours) ^ set(template))} unlike gpt2's"
-    drifted = sorted(
-        name
-        for name in template
-        if name not in EXTENSION_POINTS | MODEL_TABLES and definition(ours[name]) != definition(template[name])
+    migrated(package)
+    problems = skeleton_problems(module_text("gpt2", "train"), module_text(package, "train"))
+    assert not problems, f"{package}/train.py against gpt2/train.py: {problems}; re-copy, or mark the change"
+
+
+def test_the_skeleton_check_catches_drift_and_unmarked_additions():
+    """The check itself: gpt2's own train.py passes; an added function passes only when marked, a
+    changed shared function or extension-point signature never does."""
+    text = module_text("gpt2", "train")
+    assert skeleton_problems(text, text) == []
+    added = "def probe():\n    return 1\n"
+    assert skeleton_problems(text, text + "\n\n" + added) == ["unmarked extra probe"]
+    assert skeleton_problems(text, text + "\n\n# diff vs gpt2: a probe\n" + added) == []
+    assert skeleton_problems(text, text + "\n\n# a probe\n" + added) == ["unmarked extra probe"]
+    drifted = text.replace("return args.lr * (step + 1) / args.warmup_steps", "return args.lr")
+    assert skeleton_problems(text, drifted) == ["lr_at differs"]
+    reshaped = text.replace("def after_step(self, model):", "def after_step(self, model, step):")
+    assert skeleton_problems(text, reshaped) == ["TrainingExtras changed its signature"]
+    assert skeleton_problems(text, text.replace("def lr_at(", "def learning_rate_at(")) == [
+        "missing lr_at",
+        "unmarked extra learning_rate_at",
+    ]
+
+
+# infra.py: component (top-level name, or Class.method) -> the packages holding identical copies. Every
+# definition of every infra.py is in a row for its package or marked `# diff vs <sibling>: <why>`.
+# Other models join the rows as their train.py is migrated to the train.py + infra.py layout.
+INFRA_COPIES = {
+    name: ["gpt2"]
+    for name in (
+        # the Config from the arguments
+        "pretrained_config",
+        "parse_overrides",
+        "parse_field",
+        # the model built on the meta device and wrapped
+        "build_model",
+        "shard_model",
+        "local_part",
+        "init_parameters",
+        "load_pretrained",
+        "copy_part",
+        "rows_kept",
+        "set_gradient_sync",
+        # the memory plan
+        "plan_memory",
+        "memory_plan",
+        "local_numel",
+        "fsdp_groups",
+        "transient_bytes",
+        "activation_bytes",
+        "block_bytes_per_token",
+        "norm_bytes",
+        "attention_bytes_per_token",
+        "mlp_bytes_per_token",
+        "GIB",
+        "gib",
+        "describe_memory",
+        "device_memory",
+        "check_memory",
+        # data and tokenizer
+        "data_loaders",
+        "load_tokenizer_for",
+        # checkpoints and the run directory
+        "CHECKPOINT_NAMES",
+        "RUN_SETTINGS",
+        "SCHEDULE_SETTINGS",
+        "checkpoint_path",
+        "find_checkpoint",
+        "temp_path",
+        "write_file",
+        "replace_dir",
+        "remove_leftovers",
+        "rng_state",
+        "save_checkpoint",
+        "read_meta",
+        "load_checkpoint",
+        "run_settings",
+        "differences",
+        "check_resumable",
+        "truncate_metrics",
+        "Run",
     )
-    assert not drifted, f"{package}/train.py: {drifted} differ from gpt2/train.py; re-copy them"
-    reshaped = sorted(name for name in EXTENSION_POINTS if interface(ours[name]) != interface(template[name]))
-    assert not reshaped, f"{package}/train.py: extension points {reshaped} changed their signatures"
+}
+
+
+def unlisted(package, listed):
+    """Definitions of <package>/infra.py neither in a row for it nor marked: drift that could hide.
+    A class counts as listed when it is, or when each of its methods is (listed or marked)."""
+    found = definitions(module_text(package, "infra"))
+    covered = {name for name, (_, marked) in found.items() if marked or package in listed.get(name, ())}
+    classes = {name.split(".")[0] for name in found if "." in name}
+    for cls in classes - covered:
+        if all(name in covered for name in found if name.startswith(f"{cls}.")):
+            covered.add(cls)
+    return sorted(name for name in found if "." not in name and name not in covered)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_infra_definition_is_listed_or_marked(package):
+    migrated(package)
+    missing = unlisted(package, INFRA_COPIES)
+    assert not missing, f"{package}/infra.py: {missing} are in no INFRA_COPIES row for {package} and not marked"
+
+
+@pytest.mark.parametrize("component", sorted(INFRA_COPIES))
+def test_infra_copies_are_identical(component):
+    packages = INFRA_COPIES[component]
+    for package in packages:
+        assert (ROOT / package / "infra.py").exists(), f"INFRA_COPIES lists {package}, which has no infra.py"
+    sources = {p: definitions(module_text(p, "infra")).get(component, (None,))[0] for p in packages}
+    absent = [p for p, text in sources.items() if text is None]
+    assert not absent, f"{component}: not defined in {absent}'s infra.py"
+    drifted = [p for p in packages[1:] if sources[p] != sources[packages[0]]]
+    assert not drifted, f"{component} in {drifted} differs from {packages[0]}'s; re-copy it or mark the deviation"
+
+
+def test_the_infra_listing_catches_an_unlisted_definition():
+    """The coverage check itself, on gpt2's infra.py: drop a row and its definition is reported."""
+    assert unlisted("gpt2", INFRA_COPIES) == []
+    assert unlisted("gpt2", {k: v for k, v in INFRA_COPIES.items() if k != "norm_bytes"}) == ["norm_bytes"]
+    assert unlisted("gpt2", {k: v for k, v in INFRA_COPIES.items() if k != "Run"}) == ["Run"]

@@ -27,12 +27,12 @@ def meta_model(spec, **overrides):
 def test_parameter_terms_are_exact_and_fsdp_halves_them(spec):
     param_bytes = sum(p.numel() * p.element_size() for p in spec.build(**EVEN).parameters())  # real fp32 model
     model = meta_model(spec, **EVEN)
-    single = spec.train.memory_plan(model, plan_args(), 1, torch.bfloat16)
+    single = spec.infra.memory_plan(model, plan_args(), 1, torch.bfloat16)
     assert (single["weights"], single["gradients"], single["optimizer"]) == (param_bytes, param_bytes, 2 * param_bytes)
-    sharded = spec.train.memory_plan(model, plan_args("fsdp"), 2, torch.bfloat16)
+    sharded = spec.infra.memory_plan(model, plan_args("fsdp"), 2, torch.bfloat16)
     for term in ("weights", "gradients", "optimizer"):
         assert sharded[term] * 2 == single[term], term
-    ddp = spec.train.memory_plan(model, plan_args("ddp"), 2, torch.bfloat16)
+    ddp = spec.infra.memory_plan(model, plan_args("ddp"), 2, torch.bfloat16)
     assert ddp["gradients"] == 2 * param_bytes  # DDP's buckets hold a second copy
 
 
@@ -61,7 +61,7 @@ def test_activation_estimate_within_1_5x_of_saved_tensors(spec):
     model = spec.build(n_layer=8)
     x = torch.randint(0, model.cfg.vocab_size, (args.batch_size, args.seq_len))
     measured = saved_activation_bytes(model, x, x)
-    estimate = spec.train.memory_plan(meta_model(spec, n_layer=8), args, 1, torch.float32)["activations"]
+    estimate = spec.infra.memory_plan(meta_model(spec, n_layer=8), args, 1, torch.float32)["activations"]
     assert measured <= estimate <= 1.5 * measured, (estimate, measured, estimate / measured)
 
 
@@ -70,8 +70,8 @@ def test_run_that_cannot_fit_is_refused_before_allocation(spec, tmp_path, monkey
     def allocated(*_):
         raise AssertionError("parameters were initialised before the memory check")
 
-    monkeypatch.setattr(spec.train, "device_memory", lambda device: 2**10)  # a 1 KiB "GPU"
-    monkeypatch.setattr(spec.train, "init_parameters", allocated)
+    monkeypatch.setattr(spec.infra, "device_memory", lambda device: 2**10)  # a 1 KiB "GPU"
+    monkeypatch.setattr(spec.infra, "init_parameters", allocated)
     with pytest.raises(
         SystemExit, match=r"needs about .* per process \(estimate\), more than the .* of cpu; the biggest term is"
     ):

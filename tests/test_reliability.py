@@ -19,7 +19,7 @@ from registry import MODELS
 from train_helpers import ROOT, losses, metrics, run_in_process, run_ranks, train_args
 
 SPEC = MODELS[0]
-train = SPEC.train
+infra = SPEC.infra  # checkpoint writing and finding
 
 
 def stop_message(*args):
@@ -124,25 +124,25 @@ START_STATES = {
 def test_a_directory_swap_killed_at_any_point_leaves_a_checkpoint(start, kill, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt_dcp"
     START_STATES[start](ckpt)
-    before = train.find_checkpoint(ckpt)
-    new = make_checkpoint_dir(train.temp_path(ckpt), 2)
+    before = infra.find_checkpoint(ckpt)
+    new = make_checkpoint_dir(infra.temp_path(ckpt), 2)
     if kill:
         kill_at(monkeypatch, kill)
     with contextlib.suppress(Killed):
-        train.replace_dir(new, ckpt)
+        infra.replace_dir(new, ckpt)
     monkeypatch.undo()
-    found = train.find_checkpoint(ckpt)  # what a resume would load
+    found = infra.find_checkpoint(ckpt)  # what a resume would load
     assert found is not None or before is None
     if found is not None:
         assert step_of(found) in ({1, 2} if before else {2})
     # the next save works from whatever was left, and leaves exactly one checkpoint
-    train.replace_dir(make_checkpoint_dir(train.temp_path(ckpt), 3), ckpt)
-    assert step_of(train.find_checkpoint(ckpt)) == 3 and not ckpt.with_name("ckpt_dcp.old").exists()
+    infra.replace_dir(make_checkpoint_dir(infra.temp_path(ckpt), 3), ckpt)
+    assert step_of(infra.find_checkpoint(ckpt)) == 3 and not ckpt.with_name("ckpt_dcp.old").exists()
 
 
 def test_a_file_write_killed_before_its_rename_keeps_the_old_file(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt.pt"
-    train.write_file(ckpt, {"step": 1})
+    infra.write_file(ckpt, {"step": 1})
     targets = []
 
     def killed_replace(src, dst):
@@ -152,7 +152,7 @@ def test_a_file_write_killed_before_its_rename_keeps_the_old_file(tmp_path, monk
     monkeypatch.setattr(os, "replace", killed_replace)
     for _ in range(2):
         with pytest.raises(Killed):
-            train.write_file(ckpt, {"step": 2})
+            infra.write_file(ckpt, {"step": 2})
     monkeypatch.undo()
     assert torch.load(ckpt, weights_only=True) == {"step": 1}
     assert targets[0] != targets[1]  # unique temp names: two runs in one directory never share one
@@ -321,13 +321,13 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(toy_da
     whole = losses(metrics(tmp_path / "whole"))
     rng = random.Random(0)
     for _ in range(6):
-        resume = ["--resume"] if train.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else []
+        resume = ["--resume"] if infra.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else []
         cmd = [sys.executable, f"{SPEC.package}/train.py", *args, *resume]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(2.0, 10.0))
         proc.kill()
         proc.wait()
-    done = run_script(*args, "--resume" if train.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else "--seed=1337")
+    done = run_script(*args, "--resume" if infra.find_checkpoint(tmp_path / "killed" / "ckpt.pt") else "--seed=1337")
     assert done.returncode == 0, done.stderr
     assert losses(metrics(tmp_path / "killed")) == whole

@@ -41,7 +41,7 @@ def full_state(model):
 
 def _init_under_fsdp(rank, spec, out):
     torch.manual_seed(1337)
-    model, _ = spec.train.build_model(build_args(parallel="fsdp"), spec.config(), CPU, torch.float32)
+    model, _ = spec.infra.build_model(build_args(parallel="fsdp"), spec.config(), CPU, torch.float32)
     local = sum(p.to_local().numel() for p in model.parameters())
     state = full_state(model)  # gathered: a collective, so every rank takes part
     assert local < 0.6 * sum(t.numel() for t in state.values())  # this rank holds about half
@@ -56,7 +56,7 @@ def test_fsdp_initialisation_is_the_single_process_one(spec, tmp_path):
     on_ranks(_init_under_fsdp, spec, tmp_path / "fsdp.pt")
     sharded = torch.load(tmp_path / "fsdp.pt")
     torch.manual_seed(1337)
-    model, _ = spec.train.build_model(build_args(parallel="none"), spec.config(), CPU, torch.float32)
+    model, _ = spec.infra.build_model(build_args(parallel="none"), spec.config(), CPU, torch.float32)
     if model.cfg.tie_embeddings:
         assert model.lm_head.weight is model.tok_emb.weight
     single = full_state(model)
@@ -77,9 +77,9 @@ def test_fsdp_initialisation_is_the_single_process_one(spec, tmp_path):
 def _accumulate(rank, spec):
     torch.manual_seed(1337)
     args = build_args(parallel="fsdp")
-    model, wrapped = spec.train.build_model(args, spec.config(), CPU, torch.float32)
+    model, wrapped = spec.infra.build_model(args, spec.config(), CPU, torch.float32)
     x = torch.randint(0, model.cfg.vocab_size, (2, 8))
-    spec.train.set_gradient_sync(wrapped, args, enabled=False)  # the first of two micro-batches
+    spec.infra.set_gradient_sync(wrapped, args, enabled=False)  # the first of two micro-batches
     wrapped(x, x)[1].backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     # reduce-scattered already: each rank holds only its shard of the gradient, not a full fp32 copy
@@ -93,7 +93,7 @@ def test_fsdp_gradient_accumulation_keeps_gradients_sharded():
 
 def _logits_under_fsdp(rank, spec, path, idx, out):
     args = build_args(parallel="fsdp", init_from=str(path))
-    model, wrapped = spec.train.build_model(args, spec.config(), CPU, torch.float32)
+    model, wrapped = spec.infra.build_model(args, spec.config(), CPU, torch.float32)
     with torch.no_grad():
         logits = wrapped(idx)[0]
     if rank == 0:
@@ -110,7 +110,7 @@ def test_fsdp_init_from_gives_the_single_process_logits(spec, tmp_path):
     idx = torch.randint(0, source.cfg.vocab_size, (2, 12))
     on_ranks(_logits_under_fsdp, spec, tmp_path / "hf", idx, tmp_path / "logits.pt")
     expected = spec.model.Transformer.from_pretrained(tmp_path / "hf")(idx)[0]
-    single, _ = spec.train.build_model(
+    single, _ = spec.infra.build_model(
         build_args(parallel="none", init_from=str(tmp_path / "hf")), source.cfg, CPU, None
     )
     torch.testing.assert_close(single(idx)[0], expected, rtol=0, atol=0)
@@ -122,7 +122,7 @@ def test_init_from_names_what_does_not_match(tmp_path):
     spec.build().save_pretrained(tmp_path)
     args = build_args(parallel="none", init_from=str(tmp_path))
     with pytest.raises(SystemExit, match=r"missing keys: \['layers\.2"):
-        spec.train.build_model(args, spec.config(n_layer=3), CPU, None)
+        spec.infra.build_model(args, spec.config(n_layer=3), CPU, None)
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def _count_reads(rank, spec, path, out):
     counts = {}
     hf = spec.hf
     hf.safe_open = CountingSafeOpen(hf.safe_open, counts)  # a forked rank: the parent's module is untouched
-    model, _ = spec.train.build_model(build_args(parallel="fsdp", init_from=str(path)), spec.config(), CPU, None)
+    model, _ = spec.infra.build_model(build_args(parallel="fsdp", init_from=str(path)), spec.config(), CPU, None)
     kept = sum(p.to_local().numel() for p in model.parameters())  # a tied head once: read once
     torch.save((counts, kept), out / f"rank{rank}.pt")
 
@@ -100,8 +100,8 @@ def test_a_transformed_tensor_is_read_whole_and_a_dropped_one_not_at_all(tmp_pat
 
 
 def logits_after_init_from(spec, path, idx, parallel="none"):
-    cfg = spec.train.pretrained_config(str(path))
-    model, _ = spec.train.build_model(build_args(parallel=parallel, init_from=str(path)), cfg, CPU, None)
+    cfg = spec.infra.pretrained_config(str(path))
+    model, _ = spec.infra.build_model(build_args(parallel=parallel, init_from=str(path)), cfg, CPU, None)
     with torch.no_grad():
         return model(idx)[0]
 
@@ -132,4 +132,4 @@ def test_init_from_a_meta_directory_gives_the_hugging_face_directorys_logits(tie
 def test_other_models_refuse_a_meta_directory_in_one_line(name, tmp_path):
     by_name("llama31").hf.save_meta(randomize_(by_name("llama31").build(rope_factor=None)), tmp_path)
     with pytest.raises(SystemExit, match="no config.json there"):
-        by_name(name).train.pretrained_config(str(tmp_path))
+        by_name(name).infra.pretrained_config(str(tmp_path))
