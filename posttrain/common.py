@@ -287,7 +287,7 @@ def check_vocabulary(model, args, tokenizer):
 def parse_overrides(spec, items):
     """--set FIELD=VALUE strings, each parsed as its Config field's type by the model's own train.py."""
     try:
-        return spec.train.parse_overrides(items)
+        return spec.infra.parse_overrides(items)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
