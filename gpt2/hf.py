@@ -65,7 +65,13 @@ def config_to_hf(cfg: Config) -> dict:
 
 
 def read_config(path, **overrides) -> Config:
-    return config_from_hf(json.loads((Path(path) / "config.json").read_text()), **overrides)
+    hf = json.loads((Path(path) / "config.json").read_text())
+    try:
+        return config_from_hf(hf, **overrides)
+    except KeyError as e:  # a field that is not there: one line naming the file, not a bare KeyError
+        raise CheckpointError(
+            f"{Path(path) / 'config.json'}: no {e.args[0]!r} field, which this loader needs"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -321,8 +327,60 @@ def load_state_dict_strict(model, state):
 # Entry points: Transformer.from_pretrained and Transformer.save_pretrained call these
 
 
+class CheckpointError(ValueError):
+    """A path that holds no checkpoint this loader reads; the message is one line and names the path."""
+
+
+def hub_download_hint(name) -> str:
+    """Where name reads as a Hugging Face hub id ("org/name", or a bare name as the hub's oldest ones are),
+    a clause saying how to download it first, since the loaders read local directories only; else ""."""
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w-][\w.-]*)?", str(name)):
+        return ""
+    local = f"checkpoints/{str(name).rpartition('/')[2]}"
+    return (
+        f"a Hugging Face hub name must be downloaded first, e.g. `hf download {name} --local-dir {local}` "
+        f"(or `huggingface-cli download ...`), then pass {local}"
+    )
+
+
+def check_checkpoint_dir(path, expected="config.json and *.safetensors, as save_pretrained writes them"):
+    """Refuse in one line what this loader cannot read: a path that does not exist (a hub name not yet
+    downloaded among them), a file, a directory without config.json, or another architecture's
+    checkpoint, named by its model_type with the loader that reads it. Unknown model_types pass."""
+    # config.json's model_type -> the packages whose from_pretrained reads it (K2 is DeepSeek-V3's architecture)
+    readers = {
+        "gpt2": ["gpt2"],
+        "llama": ["llama31"],
+        "qwen3": ["qwen3"],
+        "qwen3_moe": ["qwen3"],
+        "deepseek_v3": ["deepseek3", "kimi_k2"],
+        "kimi_k2": ["kimi_k2", "deepseek3"],
+    }
+    ours = __package__.rpartition(".")[2]  # "gpt2", also when installed as minllm.gpt2
+    hint = hub_download_hint(path)
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: not a local directory; {hint}" if hint else f"{path}: no such directory")
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: a file, not a checkpoint directory (one holds {expected})")
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        # a hub name can also be a local folder (run from this repository, "gpt2" is the package)
+        also = f"; {hint}" if hint else ""
+        raise CheckpointError(f"{path}: no config.json there (a checkpoint directory holds {expected}){also}")
+    try:
+        theirs = json.loads(file.read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:  # not JSON, or JSON but not an object
+        raise CheckpointError(f"{file}: not a JSON object ({e})") from None
+    if theirs in readers and ours not in readers[theirs]:
+        raise CheckpointError(
+            f"{path} holds a {theirs!r} checkpoint; this is {ours}'s loader: "
+            f"use {readers[theirs][0]}.model.Transformer.from_pretrained"
+        )
+
+
 def load(path, **overrides) -> Transformer:
     """A Hugging Face directory -> our model; overrides replace Config fields (e.g. attn_impl)."""
+    check_checkpoint_dir(path)
     cfg = read_config(path, **overrides)
     model = Transformer(cfg)
     load_state_dict_strict(model, hf_to_ours(read_safetensors_dir(path), cfg))

@@ -730,7 +730,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields."""
+        """Load a Hugging Face directory (config.json + safetensors); overrides replace Config fields. A path
+        without one (missing, a hub name not yet downloaded, another architecture's) raises hf.CheckpointError."""
         from . import hf
 
         return hf.load(path, **overrides)

@@ -49,6 +49,9 @@ COPIES = {
     "hf.read_layer_as_ours": ["gpt2", "llama31", "qwen3"],  # deepseek3: FP8 read per expert
     "hf.read_layers_as_ours": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "hf.is_meta_dir": ["gpt2", "qwen3", "deepseek3", "kimi_k2"],  # llama31 recognises Meta's layout
+    "hf.CheckpointError": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "hf.hub_download_hint": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "hf.check_checkpoint_dir": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # DeepSeek-V3 keeps Qwen 3's MoE machinery (the router and the shared experts differ)
     "Block": ["qwen3", "deepseek3", "kimi_k2"],
     "MoE.experts_loop": ["qwen3", "deepseek3", "kimi_k2"],
