@@ -235,6 +235,8 @@ def read_policy(args, tokenizer, log):
     if path.is_dir() and (path / "config.json").is_file():
         try:
             model = spec.model.Transformer.from_pretrained(path)
+        except spec.hf.CheckpointError as e:  # one line naming the path, e.g. another architecture's
+            raise SystemExit(f"--init-from {e}; posttrain picks the loader with --model") from None
         except (KeyError, ValueError, TypeError) as e:
             raise SystemExit(f"--init-from {path}: not a {args.model} checkpoint we can read ({e})") from None
         return check_vocabulary(model, args, tokenizer), f"Hugging Face checkpoint {path}"
@@ -247,6 +249,9 @@ def read_policy(args, tokenizer, log):
             "pass its Hugging Face export, or a run without --parallel fsdp"
         )
     hint = f" (`{WRITERS[str(path)]}` writes it)" if str(path) in WRITERS else ""
+    hub = spec.hf.hub_download_hint(args.init_from)
+    if not hint and hub and not path.exists():
+        raise SystemExit(f"--init-from {path}: not a local directory; {hub}")
     raise SystemExit(f"--init-from {path}: no ckpt.pt or config.json there{hint}")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,13 @@ def load_tokenizer(name_or_path: str = "gpt2") -> Tokenizer:
         return from_tiktoken(path)
     if path.exists():
         return from_tokenizer_json(path)
+    if re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name_or_path):  # reads as a hub id, "org/name"
+        local = f"checkpoints/{name_or_path.rpartition('/')[2]}"
+        raise ValueError(
+            f"unknown tokenizer {name_or_path!r}: not a local path; a Hugging Face hub name must be downloaded "
+            f"first, e.g. `hf download {name_or_path} --local-dir {local}` (or `huggingface-cli download ...`), "
+            f"then pass {local}"
+        )
     raise ValueError(
         f"unknown tokenizer {name_or_path!r}: use 'gpt2', the path of a tokenizer.json or tiktoken ranks file "
         f"({', '.join(TIKTOKEN_FILES)}) or of a directory holding one, or FORMAT:PATH with FORMAT one of "
