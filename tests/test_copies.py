@@ -217,72 +217,79 @@ def test_the_skeleton_check_catches_drift_and_unmarked_additions():
     ]
 
 
-# infra.py: component (top-level name, or Class.method) -> the packages holding identical copies. Every
-# definition of every infra.py is in a row for its package or marked `# diff vs <sibling>: <why>`.
-# Other models join the rows as their train.py is migrated to the train.py + infra.py layout.
+# infra.py: row -> the packages holding identical copies of a component (a top-level name, or
+# Class.method). Where the siblings hold two versions of one component, a second row names the
+# variant in parentheses, e.g. "norm_bytes (RMSNorm)". Every definition of every infra.py is in a row
+# for its package or marked `# diff vs <sibling>: <why>`; a marked change copied on to a later sibling
+# gets a variant row, so its copies cannot drift apart either.
+# deepseek3 and kimi_k2 join the rows as their train.py is migrated to the train.py + infra.py layout.
 INFRA_COPIES = {
-    name: ["gpt2"]
-    for name in (
-        # the Config from the arguments
-        "pretrained_config",
-        "parse_overrides",
-        "parse_field",
-        # the model built on the meta device and wrapped
-        "build_model",
-        "shard_model",
-        "local_part",
-        "init_parameters",
-        "load_pretrained",
-        "copy_part",
-        "rows_kept",
-        "set_gradient_sync",
-        # the memory plan
-        "plan_memory",
-        "memory_plan",
-        "local_numel",
-        "fsdp_groups",
-        "transient_bytes",
-        "activation_bytes",
-        "block_bytes_per_token",
-        "norm_bytes",
-        "attention_bytes_per_token",
-        "mlp_bytes_per_token",
-        "GIB",
-        "gib",
-        "describe_memory",
-        "device_memory",
-        "check_memory",
-        # data and tokenizer
-        "data_loaders",
-        "load_tokenizer_for",
-        # checkpoints and the run directory
-        "CHECKPOINT_NAMES",
-        "RUN_SETTINGS",
-        "SCHEDULE_SETTINGS",
-        "checkpoint_path",
-        "find_checkpoint",
-        "temp_path",
-        "write_file",
-        "replace_dir",
-        "remove_leftovers",
-        "rng_state",
-        "save_checkpoint",
-        "read_meta",
-        "load_checkpoint",
-        "run_settings",
-        "differences",
-        "check_resumable",
-        "truncate_metrics",
-        "Run",
-    )
+    # the Config from the arguments
+    "pretrained_config": ["gpt2", "qwen3"],  # llama31 also reads Meta's own layout
+    "parse_overrides": ["gpt2", "llama31", "qwen3"],
+    "parse_field": ["gpt2", "llama31", "qwen3"],
+    # the model built on the meta device and wrapped
+    "build_model": ["gpt2", "llama31", "qwen3"],
+    "shard_model": ["gpt2", "llama31", "qwen3"],
+    "local_part": ["gpt2", "llama31", "qwen3"],
+    "init_parameters": ["gpt2", "llama31", "qwen3"],
+    "load_pretrained": ["gpt2", "qwen3"],  # llama31 also reads Meta's own layout
+    "copy_part": ["gpt2", "llama31", "qwen3"],
+    "rows_kept": ["gpt2", "llama31", "qwen3"],
+    "set_gradient_sync": ["gpt2", "llama31", "qwen3"],
+    # the memory plan: the architecture enters through its per-module terms
+    "plan_memory": ["gpt2", "llama31", "qwen3"],
+    "memory_plan": ["gpt2", "llama31", "qwen3"],
+    "local_numel": ["gpt2", "llama31", "qwen3"],
+    "fsdp_groups": ["gpt2", "llama31", "qwen3"],
+    "transient_bytes": ["gpt2", "llama31", "qwen3"],
+    "activation_bytes": ["gpt2", "llama31", "qwen3"],
+    "block_bytes_per_token": ["gpt2", "llama31", "qwen3"],
+    "norm_bytes": ["gpt2"],  # LayerNorm
+    "norm_bytes (RMSNorm)": ["llama31", "qwen3"],
+    "attention_bytes_per_token": ["gpt2"],  # llama31: grouped-query; qwen3: and QK-Norm
+    "mlp_bytes_per_token": ["gpt2"],  # llama31: SwiGLU; qwen3: and MoE layers
+    "GIB": ["gpt2", "llama31", "qwen3"],
+    "gib": ["gpt2", "llama31", "qwen3"],
+    "describe_memory": ["gpt2", "llama31", "qwen3"],
+    "device_memory": ["gpt2", "llama31", "qwen3"],
+    "check_memory": ["gpt2", "llama31", "qwen3"],
+    # data and tokenizer
+    "data_loaders": ["gpt2", "llama31", "qwen3"],
+    "load_tokenizer_for": ["gpt2", "llama31", "qwen3"],
+    # checkpoints and the run directory
+    "CHECKPOINT_NAMES": ["gpt2", "llama31", "qwen3"],
+    "RUN_SETTINGS": ["gpt2", "llama31", "qwen3"],
+    "SCHEDULE_SETTINGS": ["gpt2", "llama31", "qwen3"],
+    "checkpoint_path": ["gpt2", "llama31", "qwen3"],
+    "find_checkpoint": ["gpt2", "llama31", "qwen3"],
+    "temp_path": ["gpt2", "llama31", "qwen3"],
+    "write_file": ["gpt2", "llama31", "qwen3"],
+    "replace_dir": ["gpt2", "llama31", "qwen3"],
+    "remove_leftovers": ["gpt2", "llama31", "qwen3"],
+    "rng_state": ["gpt2", "llama31", "qwen3"],
+    "save_checkpoint": ["gpt2", "llama31", "qwen3"],
+    "read_meta": ["gpt2", "llama31", "qwen3"],
+    "load_checkpoint": ["gpt2", "llama31", "qwen3"],
+    "run_settings": ["gpt2", "llama31", "qwen3"],
+    "differences": ["gpt2", "llama31", "qwen3"],
+    "check_resumable": ["gpt2", "llama31", "qwen3"],
+    "truncate_metrics": ["gpt2", "llama31", "qwen3"],
+    "Run": ["gpt2", "llama31", "qwen3"],
 }
+
+
+def component(row):
+    """The component a row of INFRA_COPIES checks: its name, less the variant."""
+    return row.split(" (")[0]
 
 
 def unlisted(package, listed):
     """Definitions of <package>/infra.py neither in a row for it nor marked: drift that could hide.
     A class counts as listed when it is, or when each of its methods is (listed or marked)."""
     found = definitions(module_text(package, "infra"))
-    covered = {name for name, (_, marked) in found.items() if marked or package in listed.get(name, ())}
+    rows = {component(row) for row, packages in listed.items() if package in packages}
+    covered = {name for name, (_, marked) in found.items() if marked or name in rows}
     classes = {name.split(".")[0] for name in found if "." in name}
     for cls in classes - covered:
         if all(name in covered for name in found if name.startswith(f"{cls}.")):
@@ -297,16 +304,16 @@ def test_every_infra_definition_is_listed_or_marked(package):
     assert not missing, f"{package}/infra.py: {missing} are in no INFRA_COPIES row for {package} and not marked"
 
 
-@pytest.mark.parametrize("component", sorted(INFRA_COPIES))
-def test_infra_copies_are_identical(component):
-    packages = INFRA_COPIES[component]
+@pytest.mark.parametrize("row", sorted(INFRA_COPIES))
+def test_infra_copies_are_identical(row):
+    packages, name = INFRA_COPIES[row], component(row)
     for package in packages:
         assert (ROOT / package / "infra.py").exists(), f"INFRA_COPIES lists {package}, which has no infra.py"
-    sources = {p: definitions(module_text(p, "infra")).get(component, (None,))[0] for p in packages}
+    sources = {p: definitions(module_text(p, "infra")).get(name, (None,))[0] for p in packages}
     absent = [p for p, text in sources.items() if text is None]
-    assert not absent, f"{component}: not defined in {absent}'s infra.py"
+    assert not absent, f"{name}: not defined in {absent}'s infra.py"
     drifted = [p for p in packages[1:] if sources[p] != sources[packages[0]]]
-    assert not drifted, f"{component} in {drifted} differs from {packages[0]}'s; re-copy it or mark the deviation"
+    assert not drifted, f"{row} in {drifted} differs from {packages[0]}'s; re-copy it or mark the deviation"
 
 
 def test_the_infra_listing_catches_an_unlisted_definition():

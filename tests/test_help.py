@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-PACKAGES = ["gpt2"]  # other models join when their train.py is migrated
+PACKAGES = ["gpt2", "llama31", "qwen3"]  # other models join when their train.py is migrated
 
 
 def help_text(package, monkeypatch, capsys):

@@ -81,8 +81,8 @@ def test_train_script_runs_from_the_repo_root(spec):
 def test_parse_overrides_types_each_value_by_its_config_field():
     """--set FIELD=VALUE (train.py's, and bench/'s through it): ints, floats, bools, None, strings
     and comma-separated tuples, as the Config field declares."""
-    from llama31.train import parse_overrides as llama31_overrides
-    from qwen3.train import parse_overrides
+    from llama31.infra import parse_overrides as llama31_overrides
+    from qwen3.infra import parse_overrides
 
     got = parse_overrides(
         [
