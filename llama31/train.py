@@ -6,12 +6,8 @@
     torchrun --nproc_per_node 8 llama31/train.py --preset llama31_8b --parallel fsdp --data-dir data/fineweb10B
     python llama31/train.py --generate --prompt "ROMEO:"    # sample from the last checkpoint
 
-The recipe, in the same order in every model's train.py: arguments, distributed set-up, optimizer and
-schedule, the model's training extras, evaluation, train() with its loop, the sample. The machinery for
-scale (the model built and sharded, the memory plan, checkpoints and resume) is in infra.py beside it.
-
-Changes from gpt2/train.py: the presets' published recipes (TRAINING_DEFAULTS), and --init-from also
-reads Meta's checkpoint layout (infra.py; --help says so in its first lines, the flags' help being gpt2's).
+gpt2/train.py's recipe, section for section; the scale machinery is in infra.py beside it. Changes from
+gpt2/train.py: the presets' recipes (TRAINING_DEFAULTS); --init-from also reads Meta's layout (infra.py).
 """
 
 import argparse

@@ -6,12 +6,8 @@
     torchrun --nproc_per_node 8 qwen3/train.py --preset qwen3_30b_a3b --parallel fsdp --data-dir data/fineweb10B
     python qwen3/train.py --generate --prompt "ROMEO:"      # sample from the last checkpoint
 
-The recipe, in the same order in every model's train.py: arguments, distributed set-up, optimizer and
-schedule, the model's training extras, evaluation, train() with its loop, the sample. The machinery for
-scale (the model built and sharded, the memory plan, checkpoints and resume) is in infra.py beside it.
-
-Changes from llama31/train.py: no published recipe (TRAINING_DEFAULTS is empty); MoE models log their
-load-balancing loss and expert load (`TrainingExtras`).
+gpt2/train.py's recipe, section for section; the scale machinery is in infra.py beside it. Changes from
+llama31/train.py: no published recipe (TRAINING_DEFAULTS is empty); MoE logs balancing loss, expert load.
 """
 
 import argparse
@@ -41,10 +37,8 @@ from shared.data import DataError
 # -----------------------------------------------------------------------------
 # Arguments
 
-# Published recipes of the real presets: the defaults of these flags when the preset is chosen.
-# The Qwen3 technical report (Yang et al. 2025, sec. 3) publishes no learning rate, warmup or batch size
-# (it says they were set by scaling laws per model), so every preset keeps the small-run defaults:
-# pass --lr, --warmup-steps and --total-batch-tokens for a real run.
+# Published recipes of the real presets: none. The Qwen3 report (Yang et al. 2025, sec. 3) gives no lr, warmup
+# or batch (set by scaling laws per model): pass --lr, --warmup-steps and --total-batch-tokens for a real run.
 TRAINING_DEFAULTS = {}
 
 
@@ -248,16 +242,13 @@ def lr_at(step, args):
 
 
 class TrainingExtras:
-    """Qwen 3 MoE: logs the load-balancing loss (already part of the training loss) and how evenly
-    the experts are loaded, both read from the aux dict the model's forward fills. Dense: no-ops."""
+    """MoE: logs the balancing loss (already in the loss) and the experts' load, from the forward's aux dict."""
 
     def __init__(self, model, args, device):
-        cfg = model.cfg
-        self.n_moe_layers = sum(map(cfg.is_moe_layer, range(cfg.n_layer)))
+        self.n_moe_layers = sum(map(model.cfg.is_moe_layer, range(model.cfg.n_layer)))  # 0: dense, no-ops
         self.active_params = model.num_params(active=True)
-        self.load = torch.zeros(self.n_moe_layers, cfg.n_experts, device=device)  # (MoE layers, n_experts)
-        self.balancing_loss = torch.zeros((), device=device)
-        self.forwards = 0
+        self.load = torch.zeros(self.n_moe_layers, model.cfg.n_experts, device=device)  # (MoE layers, n_experts)
+        self.balancing_loss, self.forwards = torch.zeros((), device=device), 0  # summed over forwards
 
     def describe(self):
         return f" ({self.active_params:,} active per token)" if self.n_moe_layers else ""
@@ -272,16 +263,14 @@ class TrainingExtras:
         """Called on every rank after each optimizer step (e.g. a router-bias update or a weight rescale)."""
 
     def summary(self):
-        """Mean balancing loss, and max/mean tokens per expert in the most unbalanced layer (1.0 is
-        even), over all ranks since the last summary."""
+        """Mean balancing loss, max/mean tokens per expert in the most unbalanced layer (1.0: even)."""
         if not self.n_moe_layers:
             return {}
         balancing_loss = all_mean(self.balancing_loss / max(1, self.forwards))
         load = all_mean(self.load.clone())
         imbalance = (load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-9)).max()
         self.load.zero_()
-        self.balancing_loss.zero_()
-        self.forwards = 0
+        self.balancing_loss, self.forwards = torch.zeros_like(self.balancing_loss), 0
         return {"aux_loss": balancing_loss.item(), "expert_load_max_over_mean": imbalance.item()}
 
 
