@@ -584,8 +584,12 @@ class MoE(nn.Module):
         """The fast path (as in MegaBlocks, Gale et al. 2022): sort the N*k (token, pick) pairs by
         expert so each expert's rows are contiguous, then one grouped matmul per projection."""
         N, k = experts.shape
-        order = experts.flatten().argsort(stable=True)  # (N*k,) pairs, sorted by expert
-        offs = torch.bincount(experts.flatten(), minlength=self.w1.size(0)).cumsum(0).to(torch.int32)  # (E,)
+        ids = experts.flatten()  # (N*k,) the expert of each (token, pick) pair
+        order = ids.argsort(stable=True)  # (N*k,) pairs, sorted by expert
+        # pairs per expert, counted by scatter_add_ rather than bincount: a static shape, no torch.compile graph break
+        offs = (
+            ids.new_zeros(self.w1.size(0)).scatter_add_(0, ids, torch.ones_like(ids)).cumsum(0).to(torch.int32)
+        )  # (E,)
         # index_select is x[...] for one index tensor, several times faster on CPU
         h = x.index_select(0, order // k)  # (N*k, D): pair p belongs to token p // k
         h = grouped_mm(F.silu(grouped_mm(h, self.w1, offs)) * grouped_mm(h, self.w3, offs), self.w2, offs)
@@ -607,7 +611,10 @@ def grouped_mm(x, w, offs):
     if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast as F.linear would be
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:]) and x.data_ptr() % 16 == w.data_ptr() % 16 == 0
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    # a compiled graph has no data pointers to read: its intermediates are fresh (aligned) allocations
+    if not torch.compiler.is_compiling():
+        aligned = aligned and x.data_ptr() % 16 == w.data_ptr() % 16 == 0
     cuda_ok = (
         x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
