@@ -309,8 +309,9 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(p, mean=0.0, std=std)
 
-    def check_input(self, idx, pos=0):
-        """Fail with a message a user can act on, instead of an index error deep inside torch."""
+    def check_input(self, idx, pos=0, training_step=False):
+        """Fail with a message a user can act on, instead of an index error deep inside torch. In a
+        training step (training mode, targets given) the token ids are checked without a host sync."""
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"idx must be an integer tensor of shape (batch, seq_len), got {tuple(idx.shape)} {idx.dtype}"
@@ -320,17 +321,18 @@ class Transformer(nn.Module):
                 f"sequence of {pos + idx.size(1)} tokens (pos={pos} + {idx.size(1)} new) is longer than "
                 f"the model supports (block_size={self.cfg.block_size})"
             )
-        if not torch.compiler.is_compiling():
-            outside = (idx < 0) | (idx >= self.cfg.vocab_size)
-            if outside.any():  # one host sync per forward; the details are read only on failure
-                raise ValueError(
-                    f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})"
-                )
+        outside = (idx < 0) | (idx >= self.cfg.vocab_size)
+        if training_step or torch.compiler.is_compiling():
+            # no host sync: the device checks the ids and fails without naming one. A training step's ids come
+            # from the data loader, which checked each shard; a compiled graph cannot raise a ValueError
+            torch._assert_async(~outside.any(), f"token ids outside the vocabulary [0, {self.cfg.vocab_size})")
+        elif outside.any():  # one host sync per forward; the details are read only on failure
+            raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
     def forward(self, idx, targets=None, *, cache=None, pos=0, aux=None):
         """idx: (B, T) token ids at positions pos .. pos+T-1; cache: list of KVCache, one per layer."""
         # aux: None, or a dict this call fills with training statistics of this forward (none in dense models)
-        self.check_input(idx, pos)
+        self.check_input(idx, pos, training_step=self.training and targets is not None)
         positions = torch.arange(pos, pos + idx.size(1), device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, n_embd)
         for i, layer in enumerate(self.layers):
