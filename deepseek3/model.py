@@ -715,31 +715,38 @@ class MTP(nn.Module):
 # -----------------------------------------------------------------------------
 # Output head and loss: cross-entropy without the (B*T, vocab_size) logits
 
-# Rows per loss chunk are chosen so that one chunk's fp32 logits hold at most this many elements
-# (128 MiB): 261 rows at Llama 3's vocabulary of 128,256, 667 at GPT-2's 50,257. Large enough for
-# matmuls that fill a GPU, small enough that a chunk is 1/16 of a 4,096-token sequence's logits.
+# One chunk of the loss's fp32 logits holds at most this many elements (128 MiB): 256 rows at Llama 3's
+# vocabulary of 128,256, 640 at GPT-2's padded 50,304. Large enough for matmuls that fill a GPU, small
+# enough that a chunk is 1/16 of a 4,096-token sequence's logits. Logits that fit in one chunk are not chunked.
 LOSS_CHUNK_ELEMENTS = 2**25
+
+
+def loss_chunk_rows(vocab_rows):
+    """Rows per chunk of the loss for a head of vocab_rows rows: the most whose fp32 logits fit in
+    LOSS_CHUNK_ELEMENTS, in whole tiles of 128 rows (aligned matmuls), and at least one tile."""
+    return max(128, LOSS_CHUNK_ELEMENTS // vocab_rows // 128 * 128)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight^T against targets, a block of rows at a time.
     Forward keeps only each row's log-sum-exp; backward recomputes a chunk's logits to get its
     gradient softmax - onehot(target), so no (N, vocab_size) tensor ever exists. The logits are
-    computed in the dtype of x and weight and reduced in float32, as F.cross_entropy(logits.float())."""
+    computed in the dtype of x and weight and reduced in float32, as F.cross_entropy(logits.float()).
+    Rows of weight past vocab_size are padding: their logits are left out, and they get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, ignore_index):
-        # x: (N, n_embd), weight: (vocab_size, n_embd), targets: (N,) with ignore_index rows left out
+    def forward(ctx, x, weight, targets, chunk_rows, ignore_index, vocab_size):
+        # x: (N, n_embd), weight: (rows >= vocab_size, n_embd), targets: (N,) with ignore_index rows left out
         total, lse = torch.zeros((), dtype=torch.float32, device=x.device), []
         for s in range(0, x.size(0), chunk_rows):
-            logits = (x[s : s + chunk_rows] @ weight.T).float()  # (C, vocab_size)
+            logits = (x[s : s + chunk_rows] @ weight.T)[:, :vocab_size].float()  # (C, vocab_size)
             t = targets[s : s + chunk_rows]
             lse.append(torch.logsumexp(logits, dim=-1))  # (C,)
             target_logit = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)  # (C,)
             total += torch.where(t != ignore_index, lse[-1] - target_logit, 0.0).sum()
         n_valid = (targets != ignore_index).sum()  # all ignored: 0 / 0 = nan, as F.cross_entropy
         ctx.save_for_backward(x, weight, targets, torch.cat(lse), n_valid)
-        ctx.chunk_rows, ctx.ignore_index = chunk_rows, ignore_index
+        ctx.chunk_rows, ctx.ignore_index, ctx.vocab_size = chunk_rows, ignore_index, vocab_size
         return total / n_valid
 
     @staticmethod
@@ -752,8 +759,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float() / n_valid
         for s in range(0, x.size(0), ctx.chunk_rows):
             xc, t = x[s : s + ctx.chunk_rows], targets[s : s + ctx.chunk_rows]
-            g = (xc @ weight.T).float()  # (C, vocab_size): the logits again
+            g = (xc @ weight.T).float()  # (C, rows): the logits again
             g.sub_(lse[s : s + ctx.chunk_rows, None]).exp_()  # softmax
+            if ctx.vocab_size < g.size(1):
+                g[:, ctx.vocab_size :] = 0.0  # the padding, never predicted, has no probability
             rows = torch.arange(t.size(0), device=t.device)
             g[rows, t.clamp(min=0)] -= 1.0  # d loss_i / d logits_i = softmax_i - onehot(t_i)
             g.mul_(torch.where(t != ctx.ignore_index, scale, 0.0)[:, None])
@@ -761,34 +770,47 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[s : s + ctx.chunk_rows] = g @ weight  # (C, n_embd)
             if grad_w is not None:
-                grad_w.addmm_(g.T, xc)  # (vocab_size, n_embd)
-        return grad_x, grad_w, None, None, None
+                grad_w.addmm_(g.T, xc)  # (rows, n_embd)
+        return grad_x, grad_w, None, None, None, None
 
 
-def linear_cross_entropy(x, weight, targets, chunk_rows=None, ignore_index=-100):
-    """F.cross_entropy(F.linear(x, weight).float().flatten(0, -2), targets.flatten(), ignore_index=-100)
-    in value and gradients (for x and weight, tied or not), holding one chunk of logits at a time.
-    x: (..., n_embd), targets: (...) -> () float32. Under autocast, x and weight enter in its dtype,
-    as F.linear's would; the casts stay outside the Function, so their gradients flow back through them."""
+def linear_cross_entropy(x, weight, targets, chunk_rows=None, ignore_index=-100, vocab_size=None):
+    """F.cross_entropy(F.linear(x, weight)[..., :vocab_size].float().flatten(0, -2), targets.flatten(),
+    ignore_index=-100) in value and gradients (for x and weight, tied or not), holding one chunk of
+    logits at a time. x: (..., n_embd), targets: (...) -> () float32. Rows of weight past vocab_size
+    (default: none) are padding for aligned matmuls, never predicted. Without chunk_rows, logits that fit
+    in one chunk are computed at once by F.linear and F.cross_entropy, which compile to fused kernels and
+    need no recomputation in backward; larger ones in chunks of loss_chunk_rows rows. Under autocast, x
+    and weight enter in its dtype, as F.linear's would; the casts stay outside the Function, so their
+    gradients flow back through them."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x, weight = x.to(torch.get_autocast_dtype(device)), weight.to(torch.get_autocast_dtype(device))
-    chunk_rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    x, targets, vocab_size = x.flatten(0, -2), targets.flatten(), vocab_size or weight.size(0)
     with torch.autocast(device, enabled=False):  # the backward runs without autocast too
-        return ChunkedCrossEntropy.apply(x.flatten(0, -2), weight, targets.flatten(), chunk_rows, ignore_index)
+        if chunk_rows is None and x.size(0) * weight.size(0) <= LOSS_CHUNK_ELEMENTS:
+            logits = F.linear(x, weight)[:, :vocab_size].float()  # (N, vocab_size)
+            return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+        chunk_rows = chunk_rows or loss_chunk_rows(weight.size(0))
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows, ignore_index, vocab_size)
 
 
 class LMHead(nn.Linear):
     """The output projection, bias-free. head(x) gives the logits; head(x, targets) gives the mean
     cross-entropy through linear_cross_entropy instead, never holding the logits. The loss is
     computed in this module's forward, not from its weight outside, so what wraps module calls
-    (FSDP's all-gather of a sharded lm_head, its reshard and gradient reduction) sees it."""
+    (FSDP's all-gather of a sharded lm_head, its reshard and gradient reduction) sees it. A head of
+    padded_vocab_size rows (aligned matmuls) predicts only the first vocab_size: the logits it returns
+    and those the loss reduces leave the padding rows out."""
 
-    def __init__(self, n_embd, vocab_size):
-        super().__init__(n_embd, vocab_size, bias=False)
+    def __init__(self, n_embd, vocab_size, padded_vocab_size=None):
+        super().__init__(n_embd, padded_vocab_size or vocab_size, bias=False)
+        self.vocab_size = vocab_size
 
     def forward(self, x, targets=None):
-        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets)
+        if targets is None:
+            return super().forward(x)[..., : self.vocab_size]  # (..., vocab_size)
+        return linear_cross_entropy(x, self.weight, targets, vocab_size=self.vocab_size)
 
 
 # -----------------------------------------------------------------------------

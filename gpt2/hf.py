@@ -123,6 +123,8 @@ def hf_to_ours(hf_state, cfg):
 
 
 def ours_to_hf(state, cfg):
+    # the rows padding the vocabulary for aligned matmuls (Config.vocab_multiple) are never predicted: dropped
+    state = {k: v[: cfg.vocab_size] if k in ("tok_emb.weight", "lm_head.weight") else v for k, v in state.items()}
     hf = {}
     for ours, theirs in HF_TOP_NAMES.items():
         for p in ("weight", "bias"):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    vocab_multiple: int = 1  # embedding/head rows padded to a multiple (64: aligned matmuls); padding never predicted
     block_size: int = 1024  # longest sequence; learned positions exist only up to here
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads
@@ -35,7 +36,7 @@ class Config:
     init_std: float = 0.02  # std of the normal initialisation
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
+        for name in ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "n_embd", "intermediate_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"Config.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
@@ -49,7 +50,12 @@ class Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    # --- presets: looked up by exact name, never fuzzy-matched ---
+    @property
+    def padded_vocab_size(self) -> int:  # rows of the embedding and the head: 50,304 for GPT-2's presets
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    # --- presets: looked up by exact name, never fuzzy-matched. The published sizes train from scratch
+    # with 50,304 rows of embedding and head, as nanoGPT: 50,257 makes every loss matmul unaligned ---
     # fmt: off
 
     @classmethod
@@ -58,19 +64,19 @@ class Config:
 
     @classmethod
     def gpt2(cls):  # 124M
-        return cls(n_layer=12, n_head=12, n_embd=768, intermediate_size=3072)
+        return cls(n_layer=12, n_head=12, n_embd=768, intermediate_size=3072, vocab_multiple=64)
 
     @classmethod
     def gpt2_medium(cls):  # 355M
-        return cls(n_layer=24, n_head=16, n_embd=1024, intermediate_size=4096)
+        return cls(n_layer=24, n_head=16, n_embd=1024, intermediate_size=4096, vocab_multiple=64)
 
     @classmethod
     def gpt2_large(cls):  # 774M
-        return cls(n_layer=36, n_head=20, n_embd=1280, intermediate_size=5120)
+        return cls(n_layer=36, n_head=20, n_embd=1280, intermediate_size=5120, vocab_multiple=64)
 
     @classmethod
     def gpt2_xl(cls):  # 1558M
-        return cls(n_layer=48, n_head=25, n_embd=1600, intermediate_size=6400)
+        return cls(n_layer=48, n_head=25, n_embd=1600, intermediate_size=6400, vocab_multiple=64)
 
     PRESETS = ("tiny", "gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl")
     # fmt: on
@@ -192,31 +198,38 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # Output head and loss: cross-entropy without the (B*T, vocab_size) logits
 
-# Rows per loss chunk are chosen so that one chunk's fp32 logits hold at most this many elements
-# (128 MiB): 261 rows at Llama 3's vocabulary of 128,256, 667 at GPT-2's 50,257. Large enough for
-# matmuls that fill a GPU, small enough that a chunk is 1/16 of a 4,096-token sequence's logits.
+# One chunk of the loss's fp32 logits holds at most this many elements (128 MiB): 256 rows at Llama 3's
+# vocabulary of 128,256, 640 at GPT-2's padded 50,304. Large enough for matmuls that fill a GPU, small
+# enough that a chunk is 1/16 of a 4,096-token sequence's logits. Logits that fit in one chunk are not chunked.
 LOSS_CHUNK_ELEMENTS = 2**25
+
+
+def loss_chunk_rows(vocab_rows):
+    """Rows per chunk of the loss for a head of vocab_rows rows: the most whose fp32 logits fit in
+    LOSS_CHUNK_ELEMENTS, in whole tiles of 128 rows (aligned matmuls), and at least one tile."""
+    return max(128, LOSS_CHUNK_ELEMENTS // vocab_rows // 128 * 128)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight^T against targets, a block of rows at a time.
     Forward keeps only each row's log-sum-exp; backward recomputes a chunk's logits to get its
     gradient softmax - onehot(target), so no (N, vocab_size) tensor ever exists. The logits are
-    computed in the dtype of x and weight and reduced in float32, as F.cross_entropy(logits.float())."""
+    computed in the dtype of x and weight and reduced in float32, as F.cross_entropy(logits.float()).
+    Rows of weight past vocab_size are padding: their logits are left out, and they get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, ignore_index):
-        # x: (N, n_embd), weight: (vocab_size, n_embd), targets: (N,) with ignore_index rows left out
+    def forward(ctx, x, weight, targets, chunk_rows, ignore_index, vocab_size):
+        # x: (N, n_embd), weight: (rows >= vocab_size, n_embd), targets: (N,) with ignore_index rows left out
         total, lse = torch.zeros((), dtype=torch.float32, device=x.device), []
         for s in range(0, x.size(0), chunk_rows):
-            logits = (x[s : s + chunk_rows] @ weight.T).float()  # (C, vocab_size)
+            logits = (x[s : s + chunk_rows] @ weight.T)[:, :vocab_size].float()  # (C, vocab_size)
             t = targets[s : s + chunk_rows]
             lse.append(torch.logsumexp(logits, dim=-1))  # (C,)
             target_logit = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)  # (C,)
             total += torch.where(t != ignore_index, lse[-1] - target_logit, 0.0).sum()
         n_valid = (targets != ignore_index).sum()  # all ignored: 0 / 0 = nan, as F.cross_entropy
         ctx.save_for_backward(x, weight, targets, torch.cat(lse), n_valid)
-        ctx.chunk_rows, ctx.ignore_index = chunk_rows, ignore_index
+        ctx.chunk_rows, ctx.ignore_index, ctx.vocab_size = chunk_rows, ignore_index, vocab_size
         return total / n_valid
 
     @staticmethod
@@ -229,8 +242,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         scale = grad_loss.float() / n_valid
         for s in range(0, x.size(0), ctx.chunk_rows):
             xc, t = x[s : s + ctx.chunk_rows], targets[s : s + ctx.chunk_rows]
-            g = (xc @ weight.T).float()  # (C, vocab_size): the logits again
+            g = (xc @ weight.T).float()  # (C, rows): the logits again
             g.sub_(lse[s : s + ctx.chunk_rows, None]).exp_()  # softmax
+            if ctx.vocab_size < g.size(1):
+                g[:, ctx.vocab_size :] = 0.0  # the padding, never predicted, has no probability
             rows = torch.arange(t.size(0), device=t.device)
             g[rows, t.clamp(min=0)] -= 1.0  # d loss_i / d logits_i = softmax_i - onehot(t_i)
             g.mul_(torch.where(t != ctx.ignore_index, scale, 0.0)[:, None])
@@ -238,34 +253,47 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[s : s + ctx.chunk_rows] = g @ weight  # (C, n_embd)
             if grad_w is not None:
-                grad_w.addmm_(g.T, xc)  # (vocab_size, n_embd)
-        return grad_x, grad_w, None, None, None
+                grad_w.addmm_(g.T, xc)  # (rows, n_embd)
+        return grad_x, grad_w, None, None, None, None
 
 
-def linear_cross_entropy(x, weight, targets, chunk_rows=None, ignore_index=-100):
-    """F.cross_entropy(F.linear(x, weight).float().flatten(0, -2), targets.flatten(), ignore_index=-100)
-    in value and gradients (for x and weight, tied or not), holding one chunk of logits at a time.
-    x: (..., n_embd), targets: (...) -> () float32. Under autocast, x and weight enter in its dtype,
-    as F.linear's would; the casts stay outside the Function, so their gradients flow back through them."""
+def linear_cross_entropy(x, weight, targets, chunk_rows=None, ignore_index=-100, vocab_size=None):
+    """F.cross_entropy(F.linear(x, weight)[..., :vocab_size].float().flatten(0, -2), targets.flatten(),
+    ignore_index=-100) in value and gradients (for x and weight, tied or not), holding one chunk of
+    logits at a time. x: (..., n_embd), targets: (...) -> () float32. Rows of weight past vocab_size
+    (default: none) are padding for aligned matmuls, never predicted. Without chunk_rows, logits that fit
+    in one chunk are computed at once by F.linear and F.cross_entropy, which compile to fused kernels and
+    need no recomputation in backward; larger ones in chunks of loss_chunk_rows rows. Under autocast, x
+    and weight enter in its dtype, as F.linear's would; the casts stay outside the Function, so their
+    gradients flow back through them."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         x, weight = x.to(torch.get_autocast_dtype(device)), weight.to(torch.get_autocast_dtype(device))
-    chunk_rows = chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+    x, targets, vocab_size = x.flatten(0, -2), targets.flatten(), vocab_size or weight.size(0)
     with torch.autocast(device, enabled=False):  # the backward runs without autocast too
-        return ChunkedCrossEntropy.apply(x.flatten(0, -2), weight, targets.flatten(), chunk_rows, ignore_index)
+        if chunk_rows is None and x.size(0) * weight.size(0) <= LOSS_CHUNK_ELEMENTS:
+            logits = F.linear(x, weight)[:, :vocab_size].float()  # (N, vocab_size)
+            return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+        chunk_rows = chunk_rows or loss_chunk_rows(weight.size(0))
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows, ignore_index, vocab_size)
 
 
 class LMHead(nn.Linear):
     """The output projection, bias-free. head(x) gives the logits; head(x, targets) gives the mean
     cross-entropy through linear_cross_entropy instead, never holding the logits. The loss is
     computed in this module's forward, not from its weight outside, so what wraps module calls
-    (FSDP's all-gather of a sharded lm_head, its reshard and gradient reduction) sees it."""
+    (FSDP's all-gather of a sharded lm_head, its reshard and gradient reduction) sees it. A head of
+    padded_vocab_size rows (aligned matmuls) predicts only the first vocab_size: the logits it returns
+    and those the loss reduces leave the padding rows out."""
 
-    def __init__(self, n_embd, vocab_size):
-        super().__init__(n_embd, vocab_size, bias=False)
+    def __init__(self, n_embd, vocab_size, padded_vocab_size=None):
+        super().__init__(n_embd, padded_vocab_size or vocab_size, bias=False)
+        self.vocab_size = vocab_size
 
     def forward(self, x, targets=None):
-        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets)
+        if targets is None:
+            return super().forward(x)[..., : self.vocab_size]  # (..., vocab_size)
+        return linear_cross_entropy(x, self.weight, targets, vocab_size=self.vocab_size)
 
 
 # -----------------------------------------------------------------------------
@@ -276,11 +304,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)  # ids past vocab_size never occur
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_buffers()
@@ -368,9 +396,11 @@ class Transformer(nn.Module):
         return torch.cat(out, dim=1)  # outside inference_mode: an ordinary tensor, fine to train on (RL)
 
     def num_params(self, non_embedding=False):
+        cfg = self.cfg
         n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        n -= (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd * (1 if cfg.tie_embeddings else 2)  # padding
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= cfg.vocab_size * cfg.n_embd + self.pos_emb.weight.numel()
         return n
 
     def flops_per_token(self, seq_len):

@@ -20,6 +20,7 @@ COPIES = {
     "KVCache": ["gpt2", "llama31", "qwen3"],
     "causal_attention": ["gpt2", "llama31", "qwen3"],
     "MLP": ["llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "loss_chunk_rows": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "ChunkedCrossEntropy": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "linear_cross_entropy": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "LMHead": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
