@@ -29,7 +29,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from gpt2.model import LOSS_CHUNK_ELEMENTS, linear_cross_entropy
+from gpt2.model import LOSS_CHUNK_ELEMENTS, linear_cross_entropy, loss_chunk_rows
 
 TARGET = 0.25  # chunked loss's extra peak <= this fraction of the full fp32 logits
 MB = 1e6
@@ -88,7 +88,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--n-embd", type=int, default=1024, help="hidden width; the logits' size does not depend on it")
-    p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: model.py's, from LOSS_CHUNK_ELEMENTS)")
+    p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: model.py's loss_chunk_rows)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="of x and the weight")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -105,7 +105,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     memory = CUDAMemory() if device.type == "cuda" else CPUMemory()
-    chunk_rows = args.chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // args.vocab_size)
+    chunk_rows = args.chunk_rows or loss_chunk_rows(args.vocab_size)
 
     g = torch.Generator(device=device).manual_seed(0)
     B, T, V, D = args.batch_size, args.seq_len, args.vocab_size, args.n_embd
@@ -118,6 +118,9 @@ def main(argv=None):
         f"loss memory: V {V:,}, {B} x {T:,} tokens, n_embd {D:,}, {args.dtype}, {device}; chunks of {chunk_rows} rows"
     )
     print(f"full fp32 logits (B*T x V x 4 bytes): {logits_fp32 / MB:,.1f} MB")
+    # what a model's forward runs at this size: logits that fit in one chunk are not chunked
+    whole = B * T * V <= LOSS_CHUNK_ELEMENTS
+    print(f"model.py's loss at this size: {'one F.cross_entropy (fits one chunk)' if whole else 'chunked'}")
     print(f"extra peak memory of loss + backward, less the gradients returned ({memory.__class__.__name__}):")
 
     for fn in (plain_loss, linear_cross_entropy):  # warm-up: one-time set-up costs count for neither
