@@ -217,6 +217,7 @@ def test_bf16_mixed_precision_tracks_fp32(spec, toy_data, tmp_path, monkeypatch)
         return apply(x, weight, *args)
 
     monkeypatch.setattr(spec.model.ChunkedCrossEntropy, "apply", recorded)
+    monkeypatch.setattr(spec.model, "LOSS_CHUNK_ELEMENTS", 1)  # chunked: the toy logits would fit one chunk
     fp32 = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "fp32", "--max-steps", 3))
     assert dtypes == {torch.float32}
     dtypes.clear()
