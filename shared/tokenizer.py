@@ -1,5 +1,8 @@
 """Tokenizers behind one small interface: `encode`, `decode`, `vocab_size`, `eot_id`.
 
+- Bytes: ids 0..255 are the UTF-8 bytes, 256 is <|endoftext|>. The default corpus uses it: with
+  257 ids the tiny models' head and loss cost little, so a CPU run learns letters, words and
+  line breaks in a minute or two (nanoGPT's shakespeare_char, which counts characters instead).
 - GPT-2: tiktoken's r50k_base encoding, built offline from the bundled ranks file
   (`assets/gpt2.tiktoken`), so nothing is downloaded.
 - Any checkpoint that ships a Hugging Face `tokenizer.json` (Llama 3.1, Qwen3, ...), through
@@ -88,6 +91,43 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({type(self.backend).__name__}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+N_BYTES = 256
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 and <|endoftext|> as 256: no file, no merges, every text encodable."""
+
+    def __init__(self):
+        self.backend = None
+        self.eot_id = N_BYTES
+        self.vocab_size = N_BYTES + 1
+        self.name = "bytes"
+        self.file_sha256 = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        out = bytearray()
+        for i in ids:
+            if 0 <= i < N_BYTES:
+                out.append(i)
+            elif i == self.eot_id:  # spelled out, as tiktoken decodes GPT-2's
+                out += ENDOFTEXT.encode()
+            # padding ids (a model's vocabulary rounded up) decode to "", as in Tokenizer.decode
+        # a character the model cut short or made up decodes to U+FFFD rather than failing
+        return out.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+@functools.lru_cache(maxsize=1)
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
 
 
 @functools.lru_cache(maxsize=1)
@@ -230,10 +270,12 @@ def from_tiktoken(
 
 
 def load_tokenizer(name_or_path: str = "gpt2") -> Tokenizer:
-    """'gpt2'; a tokenizer.json, tokenizer.model, tiktoken.model or qwen.tiktoken, or a directory
+    """'gpt2' or 'bytes'; a tokenizer.json, tokenizer.model, tiktoken.model or qwen.tiktoken, or a directory
     holding one (tokenizer.json first); or FORMAT:PATH for a ranks file of another name."""
     if name_or_path == "gpt2":
         return gpt2_tokenizer()
+    if name_or_path == "bytes":
+        return byte_tokenizer()
     format, _, rest = name_or_path.partition(":")
     if rest and format in TIKTOKEN_FORMATS:
         return from_tiktoken(rest, format)
@@ -252,7 +294,7 @@ def load_tokenizer(name_or_path: str = "gpt2") -> Tokenizer:
             f"then pass {local}"
         )
     raise ValueError(
-        f"unknown tokenizer {name_or_path!r}: use 'gpt2', the path of a tokenizer.json or tiktoken ranks file "
+        f"unknown tokenizer {name_or_path!r}: use 'gpt2', 'bytes', the path of a tokenizer.json or tiktoken ranks file "
         f"({', '.join(TIKTOKEN_FILES)}) or of a directory holding one, or FORMAT:PATH with FORMAT one of "
         f"{', '.join(TIKTOKEN_FORMATS)}"
     )

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from shared.tokenizer import ENDOFTEXT, GPT2_RANKS, from_tokenizer_json, gpt2_tokenizer, load_tokenizer
+from shared.tokenizer import ENDOFTEXT, GPT2_RANKS, byte_tokenizer, from_tokenizer_json, gpt2_tokenizer, load_tokenizer
 
 # Read directly rather than via shared.data, which would import torch for nothing here.
 SHAKESPEARE = GPT2_RANKS.parent / "shakespeare.txt"
@@ -32,6 +32,25 @@ def test_gpt2_special_tokens_in_text_stay_text():
 @given(st.text())
 def test_gpt2_round_trip(text):
     tok = gpt2_tokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_bytes_known_ids():
+    tok = load_tokenizer("bytes")
+    assert tok is byte_tokenizer()  # built once, then cached
+    assert (tok.vocab_size, tok.eot_id, tok.name) == (257, 256, "bytes")
+    assert tok.encode("Hi é") == [72, 105, 32, 0xC3, 0xA9]  # UTF-8: é is two bytes
+    assert tok.encode(ENDOFTEXT) == list(ENDOFTEXT.encode())  # in text, only text
+    assert tok.decode([72, tok.eot_id, 105]) == f"H{ENDOFTEXT}i"
+    assert tok.decode([72, 300, 105]) == "Hi"  # a padding id (vocabulary rounded up) decodes to nothing
+    assert tok.decode([72, 0xC3]) == "H\ufffd"  # a character cut short is replaced, not an error
+    assert tok.identity == {"name": "bytes", "file_sha256": None, "fingerprint": tok.fingerprint}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text())
+def test_bytes_round_trip(text):
+    tok = byte_tokenizer()
     assert tok.decode(tok.encode(text)) == text
 
 
