@@ -35,6 +35,7 @@ from shared.data import (
     prepare_dataset,
     read_header,
     read_shard,
+    unigram_entropy,
     write_shard,
     write_split,
 )
@@ -182,12 +183,35 @@ def test_default_corpus_concurrent_and_cached(tmp_path):
     # Two "ranks" preparing at once must each end with complete, valid shards.
     with ThreadPoolExecutor(2) as pool:
         out, _ = pool.map(default_corpus, [tmp_path, tmp_path])  # re-raises a thread's error
-    assert out == tmp_path / "shakespeare"
+    assert out == tmp_path / "shakespeare_bytes"
     train, val = (read_shard(out / f"shakespeare_{split}_000000.bin") for split in ("train", "val"))
-    assert train[0] == gpt2_tokenizer().eot_id and len(val) == round(0.1 * (len(train) + len(val)))
+    assert train[0] == 256 and len(val) == round(0.1 * (len(train) + len(val)))  # 256: the bytes' eot
+    assert bytes(train[1:15].tolist()) == data.SHAKESPEARE.read_bytes()[:14]  # the text's UTF-8 bytes, as they are
     stamp = (out / "shakespeare_val_000000.bin").stat().st_mtime_ns
     assert default_corpus(tmp_path) == out
     assert (out / "shakespeare_val_000000.bin").stat().st_mtime_ns == stamp  # not prepared again
+
+
+def test_default_corpus_in_gpt2_tokens(tmp_path):
+    out = default_corpus(tmp_path, tokenizer="gpt2")
+    assert out == tmp_path / "shakespeare"
+    train = read_shard(out / "shakespeare_train_000000.bin")
+    assert train[0] == gpt2_tokenizer().eot_id and train.max() < 50257
+    assert json.loads((out / MARKER).read_text())["tokenizer"]["name"] == "gpt2"
+
+
+def test_unigram_entropy(tmp_path):
+    # train: ids 0,0,1,2 in two shards -> frequencies 1/2, 1/4, 1/4: entropy 1.5 bits; val: uniform over 4 ids
+    write_shard(tmp_path / "u_train_000000.bin", [0, 0])
+    write_shard(tmp_path / "u_train_000001.bin", [1, 2])
+    write_shard(tmp_path / "u_val_000000.bin", [3, 1, 2, 0])
+    assert unigram_entropy(tmp_path) == pytest.approx(1.5 * np.log(2))
+    assert unigram_entropy(tmp_path, "val") == pytest.approx(np.log(4))
+    assert unigram_entropy(tmp_path, max_tokens=2) == 0.0  # the first shard alone: one id
+    assert unigram_entropy(tmp_path, max_tokens=3) == pytest.approx(-(2 / 3) * np.log(2 / 3) - (1 / 3) * np.log(1 / 3))
+    write_shard(tmp_path / "empty" / "e_train_000000.bin", [])
+    with pytest.raises(DataError, match="the train shards hold no tokens"):
+        unigram_entropy(tmp_path / "empty")
 
 
 def test_cli_prepare(tmp_path, capsys):
