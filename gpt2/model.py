@@ -59,8 +59,8 @@ class Config:
     # fmt: off
 
     @classmethod
-    def tiny(cls):  # the CPU default: trains on Shakespeare in about a minute
-        return cls(block_size=256, n_layer=4, n_head=4, n_embd=128, intermediate_size=512)
+    def tiny(cls):  # the CPU default: learns Shakespeare's bytes (257 ids, see shared/tokenizer.py) in a minute or two
+        return cls(vocab_size=257, block_size=256, n_layer=4, n_head=4, n_embd=128, intermediate_size=512)
 
     @classmethod
     def gpt2(cls):  # 124M

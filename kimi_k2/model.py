@@ -150,8 +150,8 @@ class Config:
     # fmt: off
 
     @classmethod
-    def tiny(cls):  # the CPU default: gpt2's tiny with the GPT-2 vocabulary padded to a multiple of 64, dense
-        return cls(vocab_size=50304, block_size=256, n_layer=4, n_head=4, n_embd=128, intermediate_size=384,
+    def tiny(cls):  # the CPU default: gpt2's tiny, with the byte tokenizer's 257 ids, dense
+        return cls(vocab_size=257, block_size=256, n_layer=4, n_head=4, n_embd=128, intermediate_size=384,
                    tie_embeddings=True, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                    v_head_dim=32, rope_factor=None, n_experts=0)
 

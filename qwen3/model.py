@@ -124,8 +124,8 @@ class Config:
     # fmt: off
 
     @classmethod
-    def tiny(cls):  # the CPU default: gpt2's tiny with the GPT-2 vocabulary padded to a multiple of 64
-        return cls(vocab_size=50304, block_size=256, n_layer=4, n_head=4, n_kv_heads=2, n_embd=128, head_dim=32,
+    def tiny(cls):  # the CPU default: gpt2's tiny, with the byte tokenizer's 257 ids
+        return cls(vocab_size=257, block_size=256, n_layer=4, n_head=4, n_kv_heads=2, n_embd=128, head_dim=32,
                    intermediate_size=384, tie_embeddings=True)
 
     @classmethod
