@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import decode, loss_memory, mfu, mla, moe, muon, train_throughput
+from bench import decode, first_run, loss_memory, mfu, mla, moe, muon, train_throughput
 from registry import MODELS, by_name, import_transformers
 
 models = pytest.mark.parametrize("model", [m.name for m in MODELS])
@@ -131,3 +131,14 @@ def test_set_is_parsed_by_the_models_train_py():
         decode.main(["--quick", "--set", "n_layers=3"])
     with pytest.raises(SystemExit, match="'two' is not a valid int"):
         mfu.main(["--quick", "--model", "qwen3_moe", "--set", "n_experts=two"])
+
+
+def test_first_run_reports(capsys, toy_data):
+    """bench.first_run times `python gpt2/train.py` (here two steps on the toy shards) and prints what
+    a person judges the run by: the time, the val loss beside the unigram baseline, and the sample."""
+    train_args = ["--data-dir", str(toy_data), "--tokenizer", "bytes", "--max-steps", "2", "--batch-size", "2"]
+    first_run.main(["--", *train_args, "--seq-len", "16", "--eval-steps", "1", "--sample-tokens", "8"])
+    out = capsys.readouterr().out
+    assert re.search(r"wall time: [\d.]+ s from launch to the sample \(load average", out), out
+    assert re.search(r"final val loss: [\d.]+ \(unigram baseline [\d.]+\)", out), out
+    assert "no sample printed" not in out.split("sample:")[1], out
