@@ -236,7 +236,7 @@ BAD_PREPARE = {
     "--shard-tokens 0": "in.txt: shard_tokens must be positive, got 0",
     "--name a/b": "in.txt: the shard name 'a/b' must be a plain file name, without '/'",
     "--num-proc 0": "in.txt: num_proc must be positive, got 0",
-    "--tokenizer nope": "unknown tokenizer 'nope': use 'gpt2', the path of a tokenizer.json or tiktoken ranks file "
+    "--tokenizer nope": "unknown tokenizer 'nope': use 'gpt2', 'bytes', the path of a tokenizer.json or tiktoken ranks file "
     "(tokenizer.model, tiktoken.model, qwen.tiktoken) or of a directory holding one, or FORMAT:PATH with FORMAT one of "
     "llama3, kimi_k2, qwen",
     "--input missing.txt": "missing.txt: input file not found",
