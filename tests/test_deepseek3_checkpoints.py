@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deepseek3 import hf
-from deepseek3 import train as ds3_train
+from deepseek3 import infra as ds3_infra
 from deepseek3.model import Config, Transformer
 from registry import import_transformers, randomize_
 from test_sliced_load import CountingSafeOpen
@@ -125,8 +125,8 @@ def build_args(init_from):
 
 def init_from(path):
     """train.py's --init-from in one process: the config it reads and the model it builds."""
-    cfg = ds3_train.pretrained_config(str(path))
-    model, _ = ds3_train.build_model(build_args(path), cfg, CPU, None)
+    cfg = ds3_infra.pretrained_config(str(path))
+    model, _ = ds3_infra.build_model(build_args(path), cfg, CPU, None)
     return model.eval()
 
 
