@@ -180,7 +180,9 @@ def skeleton_problems(template_text, text):
     exempt = EXTENSION_POINTS | MODEL_TABLES
     top = lambda names: {n for n in names if "." not in n or n.split(".")[0] not in exempt}  # noqa: E731
     problems = [f"missing {name}" for name in sorted(top(template) - set(ours))]
-    problems += [f"unmarked extra {name}" for name in sorted(top(ours) - set(template)) if not ours[name][1]]
+    # a marked added class's methods are part of that marked addition
+    marked = lambda name: ours[name][1] or ("." in name and ours.get(name.split(".")[0], (None, False))[1])  # noqa: E731
+    problems += [f"unmarked extra {name}" for name in sorted(top(ours) - set(template)) if not marked(name)]
     shared = (top(template) & set(ours)) - exempt
     problems += [f"{name} differs" for name in sorted(shared) if ours[name][0] != template[name][0]]
     points = EXTENSION_POINTS & set(ours) & set(template)
@@ -208,6 +210,9 @@ def test_the_skeleton_check_catches_drift_and_unmarked_additions():
     assert skeleton_problems(text, text + "\n\n" + added) == ["unmarked extra probe"]
     assert skeleton_problems(text, text + "\n\n# diff vs gpt2: a probe\n" + added) == []
     assert skeleton_problems(text, text + "\n\n# a probe\n" + added) == ["unmarked extra probe"]
+    added_class = "class Probe:\n    def run(self):\n        return 1\n"
+    assert skeleton_problems(text, text + "\n\n# diff vs gpt2: a probe\n" + added_class) == []
+    assert skeleton_problems(text, text + "\n\n" + added_class) == ["unmarked extra Probe", "unmarked extra Probe.run"]
     drifted = text.replace("return args.lr * (step + 1) / args.warmup_steps", "return args.lr")
     assert skeleton_problems(text, drifted) == ["lr_at differs"]
     reshaped = text.replace("def after_step(self, model):", "def after_step(self, model, step):")
@@ -223,60 +228,70 @@ def test_the_skeleton_check_catches_drift_and_unmarked_additions():
 # variant in parentheses, e.g. "norm_bytes (RMSNorm)". Every definition of every infra.py is in a row
 # for its package or marked `# diff vs <sibling>: <why>`; a marked change copied on to a later sibling
 # gets a variant row, so its copies cannot drift apart either.
-# deepseek3 and kimi_k2 join the rows as their train.py is migrated to the train.py + infra.py layout.
 INFRA_COPIES = {
     # the Config from the arguments
-    "pretrained_config": ["gpt2", "qwen3"],  # llama31 also reads Meta's own layout
-    "parse_overrides": ["gpt2", "llama31", "qwen3"],
-    "parse_field": ["gpt2", "llama31", "qwen3"],
+    "pretrained_config": ["gpt2", "qwen3", "deepseek3", "kimi_k2"],  # llama31 also reads Meta's own layout
+    "parse_overrides": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "parse_field": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # the model built on the meta device and wrapped
     "build_model": ["gpt2", "llama31", "qwen3"],
+    "build_model (MTP)": ["deepseek3", "kimi_k2"],  # MTP modules checkpointed, compiled as blocks
     "shard_model": ["gpt2", "llama31", "qwen3"],
-    "local_part": ["gpt2", "llama31", "qwen3"],
-    "init_parameters": ["gpt2", "llama31", "qwen3"],
-    "load_pretrained": ["gpt2", "qwen3"],  # llama31 also reads Meta's own layout
-    "copy_part": ["gpt2", "llama31", "qwen3"],
-    "rows_kept": ["gpt2", "llama31", "qwen3"],
-    "set_gradient_sync": ["gpt2", "llama31", "qwen3"],
+    "shard_model (MTP, biased routers)": ["deepseek3", "kimi_k2"],
+    "biased_routers": ["deepseek3", "kimi_k2"],  # gathered in fp32, each its own group
+    "local_part": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "init_parameters": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "load_pretrained": ["gpt2", "qwen3", "deepseek3", "kimi_k2"],  # llama31 also reads Meta's own layout
+    "copy_part": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "rows_kept": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "set_gradient_sync": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # the memory plan: the architecture enters through its per-module terms
-    "plan_memory": ["gpt2", "llama31", "qwen3"],
-    "memory_plan": ["gpt2", "llama31", "qwen3"],
-    "local_numel": ["gpt2", "llama31", "qwen3"],
+    "plan_memory": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "memory_plan": ["gpt2", "llama31", "qwen3", "deepseek3"],  # kimi_k2: MuonClip's state
+    "memory_plan (Muon)": ["kimi_k2"],
+    "optimizer_bytes": ["kimi_k2"],  # Muon's one momentum buffer, AdamW's two moments
+    "is_hidden_matrix": ["kimi_k2"],  # the matrices Muon updates
+    "local_numel": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "fsdp_groups": ["gpt2", "llama31", "qwen3"],
-    "transient_bytes": ["gpt2", "llama31", "qwen3"],
+    "fsdp_groups (MTP, biased routers)": ["deepseek3", "kimi_k2"],
+    "transient_bytes": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "activation_bytes": ["gpt2", "llama31", "qwen3"],
-    "block_bytes_per_token": ["gpt2", "llama31", "qwen3"],
+    "activation_bytes (MTP)": ["deepseek3", "kimi_k2"],
+    "mtp_bytes_per_token": ["deepseek3", "kimi_k2"],
+    "block_bytes_per_token": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "norm_bytes": ["gpt2"],  # LayerNorm
-    "norm_bytes (RMSNorm)": ["llama31", "qwen3"],
+    "norm_bytes (RMSNorm)": ["llama31", "qwen3", "deepseek3", "kimi_k2"],
     "attention_bytes_per_token": ["gpt2"],  # llama31: grouped-query; qwen3: and QK-Norm
+    "attention_bytes_per_token (MLA)": ["deepseek3", "kimi_k2"],
     "mlp_bytes_per_token": ["gpt2"],  # llama31: SwiGLU; qwen3: and MoE layers
-    "GIB": ["gpt2", "llama31", "qwen3"],
-    "gib": ["gpt2", "llama31", "qwen3"],
-    "describe_memory": ["gpt2", "llama31", "qwen3"],
-    "device_memory": ["gpt2", "llama31", "qwen3"],
-    "check_memory": ["gpt2", "llama31", "qwen3"],
+    "mlp_bytes_per_token (shared experts)": ["deepseek3", "kimi_k2"],
+    "GIB": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "gib": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "describe_memory": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "device_memory": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "check_memory": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # data and tokenizer
-    "data_loaders": ["gpt2", "llama31", "qwen3"],
-    "load_tokenizer_for": ["gpt2", "llama31", "qwen3"],
+    "data_loaders": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "load_tokenizer_for": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # checkpoints and the run directory
-    "CHECKPOINT_NAMES": ["gpt2", "llama31", "qwen3"],
-    "RUN_SETTINGS": ["gpt2", "llama31", "qwen3"],
-    "SCHEDULE_SETTINGS": ["gpt2", "llama31", "qwen3"],
-    "checkpoint_path": ["gpt2", "llama31", "qwen3"],
-    "find_checkpoint": ["gpt2", "llama31", "qwen3"],
-    "temp_path": ["gpt2", "llama31", "qwen3"],
-    "write_file": ["gpt2", "llama31", "qwen3"],
-    "replace_dir": ["gpt2", "llama31", "qwen3"],
-    "remove_leftovers": ["gpt2", "llama31", "qwen3"],
-    "rng_state": ["gpt2", "llama31", "qwen3"],
-    "save_checkpoint": ["gpt2", "llama31", "qwen3"],
-    "read_meta": ["gpt2", "llama31", "qwen3"],
-    "load_checkpoint": ["gpt2", "llama31", "qwen3"],
-    "run_settings": ["gpt2", "llama31", "qwen3"],
-    "differences": ["gpt2", "llama31", "qwen3"],
-    "check_resumable": ["gpt2", "llama31", "qwen3"],
-    "truncate_metrics": ["gpt2", "llama31", "qwen3"],
-    "Run": ["gpt2", "llama31", "qwen3"],
+    "CHECKPOINT_NAMES": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "RUN_SETTINGS": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "SCHEDULE_SETTINGS": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "checkpoint_path": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "find_checkpoint": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "temp_path": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "write_file": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "replace_dir": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "remove_leftovers": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "rng_state": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "save_checkpoint": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "read_meta": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "load_checkpoint": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "run_settings": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "differences": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "check_resumable": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "truncate_metrics": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "Run": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
 }
 
 

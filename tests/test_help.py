@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-PACKAGES = ["gpt2", "llama31", "qwen3"]  # other models join when their train.py is migrated
+PACKAGES = ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"]
 
 
 def help_text(package, monkeypatch, capsys):

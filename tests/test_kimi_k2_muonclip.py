@@ -58,6 +58,28 @@ def test_muon_holds_the_hidden_matrices_and_adamw_the_rest():
     assert set(muon) | set(adamw) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def state_bytes(optimizer):
+    """Bytes of the optimizer's state tensors, less AdamW's step counts (scalars the memory plan leaves out)."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0)
+
+
+def test_memory_plan_counts_muons_one_buffer_and_adamws_two():
+    """The memory plan's optimizer term is the real state after a step: one fp32 momentum per Muon matrix,
+    two fp32 moments per AdamW parameter, nothing for the routers' biases; counting two for Muon's is wrong."""
+    from kimi_k2 import infra
+
+    model = SPEC.build()
+    optimizer = optimizer_for(model)
+    random_grads([p for p in model.parameters() if p.requires_grad], seed=0)
+    optimizer.step()
+    args = Namespace(parallel="none", batch_size=1, seq_len=8, activation_checkpointing=False)
+    planned = infra.memory_plan(model, args, 1, torch.float32)["optimizer"]
+    assert planned == state_bytes(optimizer)
+    muon = sum(p.numel() for p in groups_by_kind(optimizer)["muon"])
+    assert muon > 0 and planned + 4 * muon != state_bytes(optimizer)  # AdamW's two moments for Muon's matrices
+
+
 def test_muon_matches_torch_muon_on_matrices():
     """The Muon groups' 2-D matrices, run beside torch.optim.Muon with K2's settings (match_rms_adamw: update
     RMS 0.2 * sqrt(max(A, B)), Nesterov, momentum 0.95, decoupled decay) and NS in bf16 as torch runs it:
@@ -237,7 +259,8 @@ def test_qk_clip_takes_the_max_over_micro_batches_and_skips_heads_under_tau():
 
 
 def test_qk_clip_tau_is_a_config_field_set_from_the_command_line():
-    from kimi_k2.train import TrainingExtras, parse_overrides
+    from kimi_k2.infra import parse_overrides
+    from kimi_k2.train import TrainingExtras
 
     assert parse_overrides(["qk_clip_tau=30"]) == {"qk_clip_tau": 30.0}
     for bad in (0.0, -1.0, float("nan")):
