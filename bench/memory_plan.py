@@ -78,7 +78,7 @@ def main(argv=None):
     print(f"Per GPU, FSDP over {args.gpus} GPUs of {args.gib:g} GiB, bf16, batch 1 (GiB; train.py's estimate;")
     print("in brackets: with --activation-checkpointing):\n")
     print(
-        "| preset | parameters | seq | weights | grads | AdamW | transient | activations | total | fits on one node |"
+        "| preset | parameters | seq | weights | grads | optimizer | transient | activations | total | fits on one node |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for spec, preset, model, seq_len, full, ckpt in rows(args.gpus, args.seq_len):
