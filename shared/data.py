@@ -28,9 +28,12 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -296,6 +299,41 @@ def replacing(out_dir: Path) -> Iterator[Path]:
         raise
     finally:
         os.close(fd)
+
+
+# --- one run per out-dir ----------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+HELD = {}  # directory -> the open lock file of this process's run there
+
+
+def hold_dir(directory: str | Path):
+    """Take `directory` (made if missing) for this process's run: an exclusive flock on its .lock file,
+    which says who holds it. Returns the open file; the lock lasts until it is closed or the process
+    ends, however it ends, so a killed run's lock is simply taken over (the kernel drops a dead
+    process's flock; the stale line it left is overwritten). A live holder is refused in one line."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # a run of this process that ended in an exception may still be held by its traceback: one process
+    # runs one run at a time, so its lock passes to the new one
+    if (earlier := HELD.pop(directory.resolve(), None)) is not None:
+        earlier.close()
+    lock = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 (the caller holds it open)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "which has not yet written who it is"
+        lock.close()
+        raise SystemExit(
+            f"{directory} is in use by another run ({holder}): wait for it or pass another --out-dir"
+        ) from None
+    lock.truncate(0)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {shlex.join(sys.argv)}\n")
+    lock.flush()
+    HELD[directory.resolve()] = lock
+    return lock
 
 
 # --- text -> shards ------------------------------------------------------------------------
