@@ -27,28 +27,35 @@ from torch.utils.checkpoint import checkpoint
 
 from kimi_k2 import hf
 from kimi_k2.model import LOSS_CHUNK_ELEMENTS, Config, Transformer
-from shared.data import DataLoader, check_tokenizer, default_corpus, fsync_dir
-from shared.tokenizer import load_tokenizer
+from shared.data import MARKER, DataLoader, check_tokenizer, default_corpus, fsync_dir, hold_dir, unigram_entropy
+from shared.plot import write_loss_plot
+from shared.tokenizer import TIKTOKEN_FILES, load_tokenizer
 
 # -----------------------------------------------------------------------------
 # The Config: a preset with --set's overrides, or --init-from's config.json
 
 
-def pretrained_config(path):
-    """The Config in a Hugging Face directory's config.json, or one line saying why there is none."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise SystemExit(f"--init-from {path}: no config.json there (expected a Hugging Face checkpoint directory)")
-    ours = hf.config_to_hf(Config.from_preset("tiny"))["model_type"]
+def config_from_args(args):
+    """The model's Config: --init-from's config.json, or the preset with --set's overrides."""
+    if args.init_from:
+        return pretrained_config(args.init_from)
     try:
-        theirs = json.loads(file.read_text()).get("model_type")
-        if not str(theirs).startswith(ours):  # a prefix: qwen3 reads both qwen3 and qwen3_moe
-            raise SystemExit(
-                f"--init-from {path}: config.json has model_type {theirs!r}; this train.py trains {ours!r}"
-            )
+        return Config.from_preset(args.preset, **parse_overrides(args.set))
+    except ValueError as e:  # a bad --set or a Config check: one line, no traceback
+        raise SystemExit(str(e)) from None
+
+
+def pretrained_config(path):
+    """The Config in a Hugging Face directory's config.json, or one line saying why there is none: what
+    hf.check_checkpoint_dir refuses (a hub name not yet downloaded gets the download command; another
+    architecture's checkpoint, the package that reads it), as Transformer.from_pretrained does."""
+    try:
+        hf.check_checkpoint_dir(path)
         return hf.read_config(path)
+    except hf.CheckpointError as e:
+        raise SystemExit(f"--init-from {e}") from None
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise SystemExit(f"--init-from {path}: config.json is not a {ours!r} config we can read ({e!r})") from None
+        raise SystemExit(f"--init-from {path}: config.json is not a config we can read ({e!r})") from None
 
 
 def parse_overrides(items):
@@ -446,11 +453,14 @@ def data_loaders(args, cfg, rank, world_size, log):
     # vocab_size: a shard holding an id the model cannot embed fails when opened, naming the shard
     train_loader = DataLoader(data_dir, "train", args.batch_size, args.seq_len, rank, world_size, cfg.vocab_size)
     val_loader = DataLoader(data_dir, "val", args.batch_size, args.seq_len, vocab_size=cfg.vocab_size)
+    # the val loss of a model that knows only how common each token is: the loss to beat, logged beside it
+    val_loader.unigram = unigram_entropy(data_dir, "val") if rank == 0 else None
     return train_loader, val_loader
 
 
 def load_tokenizer_for(args, cfg):
     """--tokenizer, checked now rather than after the training: the prompt must be in the model's vocabulary."""
+    args.tokenizer = args.tokenizer or default_tokenizer(args)
     try:
         tokenizer = load_tokenizer(args.tokenizer)
     except (ValueError, OSError) as e:
@@ -463,6 +473,19 @@ def load_tokenizer_for(args, cfg):
                 f"vocabulary of {cfg.vocab_size}: pass the --tokenizer it was trained with"
             )
     return tokenizer
+
+
+def default_tokenizer(args):
+    """--tokenizer's default: the tokenizer the --init-from checkpoint ships, else the one that made the
+    data (its prepare.json; the bundled corpus: bytes), else GPT-2's."""
+    if args.init_from and any((Path(args.init_from) / f).is_file() for f in ("tokenizer.json", *TIKTOKEN_FILES)):
+        return args.init_from
+    if args.data_dir is None:
+        return "bytes"  # default_corpus's
+    marker = Path(args.data_dir) / MARKER
+    name = (json.loads(marker.read_text()).get("tokenizer") or {}).get("name") if marker.is_file() else None
+    # a tokenizer.json is recorded as "tokenizer.json:PATH"; tiktoken files as "FORMAT:PATH", load_tokenizer's own
+    return name.removeprefix("tokenizer.json:") if name else "gpt2"
 
 
 # -----------------------------------------------------------------------------
@@ -526,8 +549,8 @@ def replace_dir(new, path):
     find_checkpoint returns: `path` throughout, except between the two renames, when it is path.old."""
     old = path.with_name(path.name + ".old")
     if path.exists():
-        if old.exists():  # an earlier swap was killed before removing it; `path` is newer
-            shutil.rmtree(old)
+        # an earlier swap was killed before removing it; `path` is newer (gone meanwhile: nothing to do)
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     # else: an earlier swap was killed between its renames; path.old holds the previous checkpoint
     os.replace(new, path)
@@ -658,6 +681,11 @@ class Run:
     def __init__(self, args, cfg, settings, rank, device, log):
         self.args, self.cfg, self.settings, self.rank, self.device, self.log = args, cfg, settings, rank, device, log
         self.out_dir, self.path = Path(args.out_dir), checkpoint_path(args)
+        # one run per out-dir, taken before anything is read or written there; --generate too, unless
+        # there is nothing there (sampling --init-from writes nothing)
+        holds = rank == 0 and not (args.generate and not self.out_dir.exists())
+        self.lock = hold_dir(self.out_dir) if holds else None
+        self.plotting = True  # until a plot fails
         self.found, self.meta = self.previous()
         self.saved = (self.found, self.meta["step"]) if self.meta else None  # the checkpoint a stop names
         self.pending = None  # the snapshot of a step whose checkpoint is due
@@ -715,11 +743,24 @@ class Run:
         self.metrics = open(metrics_path, "a" if self.meta else "w")  # noqa: SIM115 (closed by close())
 
     def record(self, **row):
-        """One row of metrics.jsonl (and of the history main() returns)."""
+        """One row of metrics.jsonl (and of the history main() returns): a train row gains the tokens
+        trained on so far; an eval row redraws loss.png from the file (shared/plot.py says every field)."""
+        if "loss" in row:
+            row = {"step": row["step"], "tokens": row["step"] * self.settings["total_batch_tokens"]} | row
         self.history.append(row)
         if self.metrics:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
+            if "val_loss" in row and self.plotting:
+                self.plot()
+
+    def plot(self):
+        """loss.png beside metrics.jsonl; a plot that fails is worth one warning, never the run."""
+        try:
+            write_loss_plot(self.out_dir)
+        except Exception as e:
+            self.plotting = False
+            self.log(f"warning: {self.out_dir / 'loss.png'} not drawn ({type(e).__name__}: {e}); training goes on")
 
     def snapshot(self, step, train_loader):
         """Take the small part of step's checkpoint as the step ends; it is written by save_pending."""
@@ -747,5 +788,6 @@ class Run:
         raise SystemExit(f"{problem}: stopping without updating; {good}")
 
     def close(self):
-        if self.metrics:
-            self.metrics.close()
+        for file in (self.metrics, self.lock):
+            if file:
+                file.close()

@@ -21,28 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-
-from kimi_k2.infra import (
-    Run,
-    build_model,
-    data_loaders,
-    is_hidden_matrix,
-    load_tokenizer_for,
-    local_part,
-    parse_overrides,
-    plan_memory,
-    pretrained_config,
-    run_settings,
-    set_gradient_sync,
-)
-from kimi_k2.model import Config
-from shared.data import DataError
-
 # -----------------------------------------------------------------------------
-# Arguments
+# Arguments, with the standard library only: a mistake is one line before the seconds torch takes to import
+
+# Config.PRESETS, spelled out since model.py imports torch (tests/test_copies.py checks they agree)
+PRESETS = ("tiny", "tiny_moe", "kimi_k2")
 
 # Published recipes of the real presets: none encoded (deepseek3's names deepseek_v3, a preset K2 lacks):
 # pass --lr, --warmup-steps and --total-batch-tokens for a real run.
@@ -51,8 +34,8 @@ TRAINING_DEFAULTS = {}
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
-        """A bad argument is one line, not the usage block and then the error."""
-        raise SystemExit(f"{self.prog}: {message} (see --help)")
+        """A bad argument is one line, not the usage block and then the error; under torchrun, rank 0's only."""
+        raise SystemExit(f"{self.prog}: {message} (see --help)" if os.environ.get("RANK", "0") == "0" else 1)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -73,18 +56,18 @@ def parse_args(argv=None):
     doc = __doc__.split("\n\n")
     p = ArgumentParser(description=doc[0], epilog=doc[1], formatter_class=HelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=Config.PRESETS, help="model size")
+    m.add_argument("--preset", default="tiny", choices=PRESETS, help="model size")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="set a Config field; repeatable")
     m.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face checkpoint (no --preset, --set)")
     m.add_argument("--compile", action="store_true", help="torch.compile each block")
     m.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="*_train_*.bin, *_val_*.bin token shards (default: bundled Shakespeare)")
-    d.add_argument("--tokenizer", default="gpt2", help="'gpt2', or a tokenizer.json or tiktoken file or directory")
-    d.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch per process")
-    d.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (at most the model's block_size)")
+    d.add_argument("--tokenizer", help="'bytes', 'gpt2', a tokenizer.json or tiktoken file (default: the data's)")
+    d.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's block_size)")
     o = p.add_argument_group("optimizer", "A real --preset (not tiny) sets the first five to its published recipe.")
-    o.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
+    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     o.add_argument("--warmup-steps", type=int, default=20, help="linear warmup")
     o.add_argument("--total-batch-tokens", type=int, help="tokens per step (default: a micro-batch per process)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
@@ -95,10 +78,10 @@ def parse_args(argv=None):
     o.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 disables)")
     r = p.add_argument_group("run")
-    r.add_argument("--max-steps", type=int, default=250, help="optimizer steps (sets the LR schedule's length)")
+    r.add_argument("--max-steps", type=int, default=300, help="optimizer steps (sets the LR schedule's length)")
     r.add_argument("--stop-after", type=int, help="end after N steps, checkpointed, to --resume later")
-    r.add_argument("--eval-every", type=int, default=50, help="steps between validation runs (0: only at the end)")
-    r.add_argument("--eval-steps", type=int, default=10, help="validation batches per run")
+    r.add_argument("--eval-every", type=int, default=100, help="steps between validation runs (0: only at the end)")
+    r.add_argument("--eval-steps", type=int, default=20, help="validation batches per run")
     r.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     r.add_argument("--seed", type=int, default=1337, help="seeds the initial weights and the sample")
     r.add_argument("--out-dir", default=f"out/{Path(__file__).parent.name}", help="checkpoints, metrics.jsonl")
@@ -111,13 +94,13 @@ def parse_args(argv=None):
     s = p.add_argument_group("sampling")
     s.add_argument("--generate", action="store_true", help="only sample from the checkpoint (or --init-from)")
     s.add_argument("--prompt", default="\n", help="text the sample starts from (default: a newline)")
-    s.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample at the end (0: none)")
+    s.add_argument("--sample-tokens", type=int, default=250, help="tokens to sample at the end (0: none)")
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens")
+    s.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
 
     # a real preset's published recipe becomes its flags' defaults, so a flag given still wins
     first = ArgumentParser(add_help=False)
-    first.add_argument("--preset", choices=Config.PRESETS)
+    first.add_argument("--preset", choices=PRESETS)
     preset = first.parse_known_args(argv)[0].preset  # None: not on the command line
     recipe = TRAINING_DEFAULTS.get(preset, {})
     p.set_defaults(**recipe)
@@ -148,17 +131,31 @@ def check_args(args, p):
         for name in names.split():
             if not ok(getattr(args, name)):
                 p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {rule}")
+    if args.max_steps < args.warmup_steps and not args.generate and os.environ.get("RANK", "0") == "0":
+        short = f"--max-steps {args.max_steps} is below --warmup-steps {args.warmup_steps}: the learning rate never reaches --lr"
+        print(f"warning: {short}", file=sys.stderr)
 
 
-def config_from_args(args):
-    """The model's Config: --init-from's config.json, or the preset with --set's overrides."""
-    if args.init_from:
-        return pretrained_config(args.init_from)
-    try:
-        return Config.from_preset(args.preset, **parse_overrides(args.set))
-    except ValueError as e:  # a bad --set or a Config check: one line, no traceback
-        raise SystemExit(str(e)) from None
+if __name__ == "__main__":  # run as a script: the arguments are checked before the imports below
+    ARGS = parse_args()
 
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from kimi_k2.infra import (  # noqa: E402
+    Run,
+    build_model,
+    config_from_args,
+    data_loaders,
+    is_hidden_matrix,
+    load_tokenizer_for,
+    local_part,
+    plan_memory,
+    run_settings,
+    set_gradient_sync,
+)
+from shared.data import DataError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE; otherwise this is one process
@@ -627,18 +624,18 @@ def print_sample(model, tokenizer, args, device, autocast, log):
     log("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()) + "\n" + "-" * 80)
 
 
-def main(argv=None):
-    """Train, or sample with --generate. A user's mistake ends the run with one line (SystemExit);
-    anything else keeps its traceback."""
+def main(argv=None, args=None):
+    """Train, or sample with --generate, from argv or from arguments parsed already. A user's mistake
+    ends the run with one line (SystemExit); anything else keeps its traceback."""
     try:
-        return train(parse_args(argv))
+        return train(args or parse_args(argv))
     except DataError as e:  # a shard or data directory that cannot be used; the message names it
         raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
     try:
-        main()
+        main(args=ARGS)
     except SystemExit as e:  # a user error's one line: under torchrun, rank 0 alone prints it
         if isinstance(e.code, str) and int(os.environ.get("RANK", 0)) > 0:
             raise SystemExit(1) from None

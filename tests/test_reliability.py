@@ -246,8 +246,10 @@ BAD_INPUTS = [
         "--init-from {llama} --preset tiny",
         "--init-from takes the architecture from its config.json: drop --preset and --set",
     ),
-    ("--init-from {llama}", "--init-from {llama}: config.json has model_type 'llama'; this train.py trains 'gpt2'"),
-    ("--init-from {out}", "--init-from {out}: no config.json there (expected a Hugging Face checkpoint directory)"),
+    ("--init-from {llama}", "--init-from {llama} holds a 'llama' checkpoint; this is gpt2's loader: use llama31."),
+    ("--init-from {out}", "--init-from {out}: no config.json there (a checkpoint directory holds config.json and"),
+    ("--init-from gpt2", "--init-from gpt2: no config.json there (a checkpoint directory holds"),  # the package dir
+    ("--init-from openai-community/gpt2", "not a local directory; a Hugging Face hub name must be downloaded first"),
 ]
 
 
