@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from posttrain.tasks import TASKS, check_lengths, collate, task_vocabulary
-from shared.data import fsync_dir
+from shared.data import fsync_dir, hold_dir
 from shared.models import MODELS
 from shared.tokenizer import load_tokenizer
 
@@ -158,8 +158,11 @@ def setup_distributed(args):
 
 def start(args):
     """setup_distributed, and what every method's train() takes next: a log that prints on rank 0 only,
-    and a --batch-size that splits evenly over the processes."""
+    and a --batch-size that splits evenly over the processes. Rank 0 takes --out-dir for this run before
+    anything is written there (shared.data.hold_dir keeps the lock until the process ends)."""
     rank, world_size, device = setup_distributed(args)
+    if rank == 0:
+        hold_dir(args.out_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.batch_size % world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of the {world_size} processes")
