@@ -167,7 +167,7 @@ def test_fsdp_resumes_from_the_checkpoint_a_killed_swap_left(toy_data, tmp_path)
     os.replace(tmp_path / "ckpt_dcp", tmp_path / "ckpt_dcp.old")
     make_checkpoint_dir(tmp_path / "ckpt_dcp.0123456789abcdef.tmp", 5, complete=False)
     run_ranks(SPEC, *args, "--resume", nproc=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_dcp", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "ckpt_dcp", "loss.png", "metrics.jsonl"]
     assert step_of(tmp_path / "ckpt_dcp") == 3
     assert [r["step"] for r in metrics(tmp_path) if "loss" in r] == [1, 2, 3]
 
