@@ -24,32 +24,11 @@ batch and on held-out pairs, and the greedy exact-match reward before and after.
 The loss is checked against TRL's DPOTrainer on identical tensors in tests/test_posttrain_losses.py.
 """
 
+from __future__ import annotations  # the losses name torch.Tensor, imported below
+
 import math
 
-import torch
-import torch.nn.functional as F
-
-from posttrain.common import (
-    Metrics,
-    Throughput,
-    all_sum,
-    check_args,
-    common_parser,
-    due,
-    finish,
-    frozen_reference,
-    load_policy,
-    make_optimizer,
-    open_tokenizer,
-    optimizer_step,
-    report_reward,
-    run_main,
-    save,
-    sequence_logps,
-    start,
-    wrap_policy,
-)
-from posttrain.tasks import REF_COLUMNS, Preferences, collate, encode_pairs
+from posttrain.cli import check_args, common_parser, run_main
 
 # -----------------------------------------------------------------------------
 # Loss
@@ -127,6 +106,31 @@ def parse_args(argv=None):
         p.error(f"--label-smoothing {args.label_smoothing}: only --loss-type robust reads it")
     return args
 
+
+if __name__ == "__main__":  # run as a script: the arguments are checked before the imports below
+    ARGS = run_main(parse_args)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from posttrain.common import (  # noqa: E402
+    Metrics,
+    Throughput,
+    all_sum,
+    due,
+    finish,
+    frozen_reference,
+    load_policy,
+    make_optimizer,
+    open_tokenizer,
+    optimizer_step,
+    report_reward,
+    save,
+    sequence_logps,
+    start,
+    wrap_policy,
+)
+from posttrain.tasks import REF_COLUMNS, Preferences, collate, encode_pairs  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Update loop
@@ -254,10 +258,10 @@ def report_preferences(wrapped, reference, examples, tokenizer, args, rank, worl
 # Main
 
 
-def main(argv=None):
-    """Train; a user's mistake ends the run with one line (SystemExit), anything else keeps its traceback."""
-    return train(parse_args(argv))
+def main(argv=None, args=None):
+    """Train, from argv or from arguments parsed already; a user's mistake ends it in one line (SystemExit)."""
+    return train(args or parse_args(argv))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(args=ARGS))

@@ -24,36 +24,11 @@ updates on that batch, the rollout policy's log-probs as old_logps. Reward on he
 (greedy) is measured before and after.
 """
 
+from __future__ import annotations  # the losses name torch.Tensor, imported below
+
 import math
 
-import torch
-
-from posttrain.common import (
-    Metrics,
-    Throughput,
-    all_gather,
-    all_sum,
-    check_args,
-    common_parser,
-    completion_logps,
-    completion_part,
-    due,
-    finish,
-    frozen_reference,
-    load_policy,
-    local_part,
-    make_optimizer,
-    open_tokenizer,
-    optimizer_step,
-    report_reward,
-    reward_summary,
-    rollout,
-    run_main,
-    save,
-    start,
-    wrap_policy,
-)
-from posttrain.tasks import Examples
+from posttrain.cli import check_args, common_parser, run_main
 
 # -----------------------------------------------------------------------------
 # Loss
@@ -221,6 +196,35 @@ def parse_args(argv=None):
     return args
 
 
+if __name__ == "__main__":  # run as a script: the arguments are checked before the imports below
+    ARGS = run_main(parse_args)
+
+import torch  # noqa: E402
+
+from posttrain.common import (  # noqa: E402
+    Metrics,
+    Throughput,
+    all_gather,
+    all_sum,
+    completion_logps,
+    completion_part,
+    due,
+    finish,
+    frozen_reference,
+    load_policy,
+    local_part,
+    make_optimizer,
+    open_tokenizer,
+    optimizer_step,
+    report_reward,
+    reward_summary,
+    rollout,
+    save,
+    start,
+    wrap_policy,
+)
+from posttrain.tasks import Examples  # noqa: E402
+
 # -----------------------------------------------------------------------------
 # Update loop
 
@@ -269,8 +273,7 @@ def train(args):
             loss.backward()  # DDP and FSDP average the processes' gradients: each loss is a process's share
             grad_norm, lr = optimizer_step(model, optimizer, step, args)
             stats.append(update_stats(loss.detach(), logps.detach(), old, ref, advantages, cmask, args))
-        row = dict(step=step + 1, lr=lr, grad_norm=grad_norm, **average_stats(stats, world_size))
-        row.update(reward_stats(rewards))
+        row = dict(step=step + 1, lr=lr, grad_norm=grad_norm) | average_stats(stats, world_size) | reward_stats(rewards)
         if not math.isfinite(row["loss"]):
             raise SystemExit(f"loss is {row['loss']} at step {step + 1}: stopping without saving")
         metrics.record_completions(step + 1, prompts, ids, mask, texts, rewards, advantages, G)
@@ -338,10 +341,10 @@ def reward_stats(rewards):
 # Main
 
 
-def main(argv=None):
-    """Train; a user's mistake ends the run with one line (SystemExit), anything else keeps its traceback."""
-    return train(parse_args(argv))
+def main(argv=None, args=None):
+    """Train, from argv or from arguments parsed already; a user's mistake ends it in one line (SystemExit)."""
+    return train(args or parse_args(argv))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(args=ARGS))

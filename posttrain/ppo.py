@@ -18,41 +18,12 @@ value-side tensors cover one more position than the completion (TRL's padding_ma
 tests/test_posttrain_losses.py.
 """
 
+from __future__ import annotations  # the losses name torch.Tensor, imported below
+
 import math
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from posttrain.common import (
-    Metrics,
-    Throughput,
-    all_max,
-    all_sum,
-    check_args,
-    clip_gradients,
-    common_parser,
-    completion_part,
-    due,
-    finish,
-    frozen_reference,
-    gather_rows,
-    load_policy,
-    lr_at,
-    make_optimizer,
-    open_tokenizer,
-    report_reward,
-    reward_summary,
-    rollout,
-    run_main,
-    save,
-    sequence_logps,
-    set_lr,
-    start,
-    wrap_policy,
-    write_file,
-)
-from posttrain.tasks import Examples
+from posttrain.cli import check_args, common_parser, run_main
 
 # -----------------------------------------------------------------------------
 # Loss
@@ -217,6 +188,39 @@ def parse_args(argv=None):
         p.error("PPO samples from the policy itself: leave --temperature at 1 and --top-k unset")
     return args
 
+
+if __name__ == "__main__":  # run as a script: the arguments are checked before the imports below
+    ARGS = run_main(parse_args)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from posttrain.common import (  # noqa: E402
+    Metrics,
+    Throughput,
+    all_max,
+    all_sum,
+    clip_gradients,
+    completion_part,
+    due,
+    finish,
+    frozen_reference,
+    gather_rows,
+    load_policy,
+    lr_at,
+    make_optimizer,
+    open_tokenizer,
+    report_reward,
+    reward_summary,
+    rollout,
+    save,
+    sequence_logps,
+    set_lr,
+    start,
+    wrap_policy,
+    write_file,
+)
+from posttrain.tasks import Examples  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Update loop
@@ -422,10 +426,10 @@ def save_value_head(value_head, args, rank):
 # Main
 
 
-def main(argv=None):
-    """Train; a user's mistake ends the run with one line (SystemExit), anything else keeps its traceback."""
-    return train(parse_args(argv))
+def main(argv=None, args=None):
+    """Train, from argv or from arguments parsed already; a user's mistake ends it in one line (SystemExit)."""
+    return train(args or parse_args(argv))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(args=ARGS))

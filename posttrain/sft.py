@@ -12,34 +12,14 @@ model's train.py out dir is used if it holds a checkpoint, else a fresh small mo
 no pretraining. Reward on held-out prompts (greedy, exact match) is measured before and after.
 
 Each method file (sft.py, dpo.py, grpo.py, ppo.py) reads loss, arguments, update loop, main; what they
-share is posttrain/common.py (arguments, distributed set-up, policy, generation, metrics, checkpoint)
-and posttrain/tasks.py (toy tasks, rewards, data, batches).
+share is posttrain/cli.py (arguments, checked before torch is imported), posttrain/common.py
+(distributed set-up, policy, generation, metrics, checkpoint) and posttrain/tasks.py (toy tasks, rewards,
+data, batches).
 """
 
 import math
 
-import torch
-
-from posttrain.common import (
-    Metrics,
-    Throughput,
-    all_sum,
-    check_args,
-    common_parser,
-    due,
-    finish,
-    load_policy,
-    make_optimizer,
-    open_tokenizer,
-    optimizer_step,
-    report_reward,
-    reward_summary,
-    run_main,
-    save,
-    start,
-    wrap_policy,
-)
-from posttrain.tasks import Examples, collate, encode_pairs
+from posttrain.cli import check_args, common_parser, run_main
 
 # -----------------------------------------------------------------------------
 # Loss: cross-entropy of the completion tokens only, as TRL's SFTTrainer with completion_only_loss
@@ -72,6 +52,29 @@ def parse_args(argv=None):
     check_args(args, p)
     return args
 
+
+if __name__ == "__main__":  # run as a script: the arguments are checked before the imports below
+    ARGS = run_main(parse_args)
+
+import torch  # noqa: E402
+
+from posttrain.common import (  # noqa: E402
+    Metrics,
+    Throughput,
+    all_sum,
+    due,
+    finish,
+    load_policy,
+    make_optimizer,
+    open_tokenizer,
+    optimizer_step,
+    report_reward,
+    reward_summary,
+    save,
+    start,
+    wrap_policy,
+)
+from posttrain.tasks import Examples, collate, encode_pairs  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Update loop
@@ -121,10 +124,10 @@ def train(args):
 # Main
 
 
-def main(argv=None):
-    """Train; a user's mistake ends the run with one line (SystemExit), anything else keeps its traceback."""
-    return train(parse_args(argv))
+def main(argv=None, args=None):
+    """Train, from argv or from arguments parsed already; a user's mistake ends it in one line (SystemExit)."""
+    return train(args or parse_args(argv))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main(args=ARGS))

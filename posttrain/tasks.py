@@ -8,8 +8,6 @@ import importlib
 import random
 from pathlib import Path
 
-import torch
-
 from shared.tokenizer import ENDOFTEXT, Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -262,6 +260,8 @@ def encode_pairs(tokenizer, pairs):
 def collate(prompts, completions, pad_id, device):
     """Token lists -> ids (B, L), prompt then completion, right-padded; mask (B, L) 1 on completion tokens.
     Right padding needs no attention mask: causal attention never lets a real token see the padding."""
+    import torch  # here, not at the top: posttrain/cli.py reads TASKS before torch is imported
+
     rows = [p + c for p, c in zip(prompts, completions)]
     L = max(map(len, rows))
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)

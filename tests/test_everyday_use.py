@@ -1,5 +1,6 @@
 """Everyday use of train.py (issue #21): one run per out-dir, the loss curve each run draws, the tokens in
-its rows, argument mistakes reported before torch is imported, and the defaults a first run takes."""
+its rows, argument mistakes reported before torch is imported (the post-training files' too), and the
+defaults a first run takes."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from posttrain import sft
-from registry import by_name
+from registry import MODELS, by_name
 from shared.data import default_corpus, hold_dir
 from train_helpers import ROOT, metrics, run_in_process, train_args
 
@@ -85,18 +86,38 @@ def test_a_plot_that_fails_warns_once_and_the_run_goes_on(toy_data, tmp_path, mo
 # --- argument mistakes before the heavy imports --------------------------------------------------
 
 
+def run_importing(script, argv):
+    """Run a script under -X importtime, which lists every module imported -> (the finished process, the
+    top-level names of the modules it imported, its stderr lines other than that list)."""
+    cmd = [sys.executable, "-X", "importtime", script, *argv]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    return done, imported, [line for line in lines if not line.startswith("import time:")]
+
+
 @pytest.mark.parametrize("argv", [["--max-steps", "-1"], ["--help"]])
 def test_arguments_are_checked_before_torch_is_imported(argv):
-    """-X importtime lists every module imported: torch must not be among them."""
-    cmd = [sys.executable, "-X", "importtime", f"{SPEC.package}/train.py", *argv]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    imported = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
-    assert imported and not [name for name in imported if name.split(".")[0] in ("torch", SPEC.package)]
-    ours = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    """torch and the model's package must not be among the modules imported."""
+    done, imported, ours = run_importing(f"{SPEC.package}/train.py", argv)
+    assert imported and not imported & {"torch", SPEC.package}
     if argv == ["--help"]:
         assert done.returncode == 0 and "--max-steps" in done.stdout
     else:
         assert done.returncode == 1 and ours == ["train.py: --max-steps -1: must be at least 1 (see --help)"]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo", "ppo"])
+def test_posttrain_arguments_are_checked_before_torch_is_imported(method):
+    """A post-training file parses with posttrain/cli.py alone: a mistake is one line, --help is its help,
+    and neither imports torch or a model's package."""
+    models = {spec.package for spec in MODELS}
+    done, imported, ours = run_importing(f"posttrain/{method}.py", ["--lr", "-1"])
+    assert imported and not imported & {"torch", *models}
+    assert done.returncode == 1 and ours == [f"{method}.py: --lr -1.0: must be a positive number (see --help)"]
+    done, imported, _ = run_importing(f"posttrain/{method}.py", ["--help"])
+    assert imported and not imported & {"torch", *models}
+    assert done.returncode == 0 and "--lr" in done.stdout
 
 
 def test_max_steps_below_warmup_warns_in_one_line(capsys):
