@@ -192,12 +192,13 @@ def precision(args, device):
 
 
 def batch_tokens(args, cfg, world_size):
-    """(tokens per optimizer step, micro-batches per process that make it: gradient accumulation)."""
-    if args.seq_len > cfg.block_size:
+    """(tokens per optimizer step, micro-batches per process that make it: gradient accumulation).
+    --generate trains nothing, so neither is checked: sampling reads no --seq-len or batch."""
+    if args.seq_len > cfg.block_size and not args.generate:
         raise SystemExit(f"--seq-len {args.seq_len} is longer than the model's block_size {cfg.block_size}")
     tokens_per_micro = args.batch_size * args.seq_len * world_size
     total_batch = args.total_batch_tokens or tokens_per_micro
-    if total_batch % tokens_per_micro:
+    if total_batch % tokens_per_micro and not args.generate:
         raise SystemExit(
             f"--total-batch-tokens {total_batch} is not a multiple of batch-size x seq-len x "
             f"processes = {tokens_per_micro}"

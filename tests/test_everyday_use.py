@@ -1,12 +1,14 @@
 """Everyday use of train.py (issue #21): one run per out-dir, the loss curve each run draws, the tokens in
-its rows, argument mistakes reported before torch is imported (the post-training files' too), and the
-defaults a first run takes."""
+its rows, argument mistakes reported before torch is imported (the post-training files' too), --generate
+free of the training batch's checks, and the defaults a first run takes."""
 
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -118,6 +120,23 @@ def test_posttrain_arguments_are_checked_before_torch_is_imported(method):
     done, imported, _ = run_importing(f"posttrain/{method}.py", ["--help"])
     assert imported and not imported & {"torch", *models}
     assert done.returncode == 0 and "--lr" in done.stdout
+
+
+# --- --generate samples: the training batch is not checked ----------------------------------------
+
+
+@pytest.mark.parametrize("package", sorted({spec.package for spec in MODELS}))
+def test_generate_ignores_seq_len_and_batch(package):
+    """Sampling reads neither --seq-len nor the batch: a --seq-len past the model's block_size, or a
+    --total-batch-tokens that batch-size x seq-len does not divide, refuses training only."""
+    train = importlib.import_module(f"{package}.train")
+    cfg = SimpleNamespace(block_size=64)
+    too_long = ["--batch-size", "2", "--seq-len", "128"]
+    uneven = ["--batch-size", "2", "--seq-len", "8", "--total-batch-tokens", "1000"]
+    for argv, refusal in [(too_long, "--seq-len 128 is longer than"), (uneven, "--total-batch-tokens 1000 is not")]:
+        with pytest.raises(SystemExit, match=refusal):
+            train.batch_tokens(train.parse_args(argv), cfg, 1)
+        train.batch_tokens(train.parse_args([*argv, "--generate"]), cfg, 1)  # sampling: no refusal
 
 
 def test_max_steps_below_warmup_warns_in_one_line(capsys):

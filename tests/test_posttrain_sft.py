@@ -119,8 +119,6 @@ def test_short_run_lowers_loss_and_its_checkpoints_reload(tmp_path):
         " a",
         "--device",
         "cpu",
-        "--seq-len",  # within the small model's block_size (train.py checks it even for --generate)
-        "64",
     ]
     GPT2.train.main([*sets, *sample, "--sample-tokens", "3"])
     # and the next post-training file starts from it, reading that tokenizer.json by default
