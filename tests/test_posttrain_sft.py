@@ -206,3 +206,28 @@ def test_sampling_follows_temperature_and_top_k():
     cold = torch.bincount(common.sample_next(logits, 0.25, None, generators), minlength=4) / 4000
     assert cold[0] > 0.95  # temperature 1/4 sharpens the distribution
     assert torch.equal(common.sample_next(logits[:3], 1.0, None, generators[:3]), drawn[:3])  # seeds per row
+
+
+def test_a_run_repeats_on_any_thread_count_and_global_seed(tmp_path):
+    """Set-up fixes torch's CPU threads (--threads, 1 by default, whatever OMP_NUM_THREADS gave) and seeds the
+    global RNG from --seed: a run from a saved policy (no fresh model's seeding) saved a different meta.rng
+    each time before, and a thread count that followed the machine changed the reduction order."""
+    sft.main(sft_args(tmp_path / "policy", "--steps", "1"))
+    threads = torch.get_num_threads()
+    try:
+        rng = []
+        for i in range(2):
+            torch.set_num_threads(2)
+            torch.seed()  # whatever state the process was in
+            out = tmp_path / f"run{i}"
+            sft.main(sft_args(out, "--init-from", tmp_path / "policy", "--steps", "1"))
+            assert torch.get_num_threads() == 1
+            rng.append(torch.load(out / "ckpt.pt", weights_only=True)["meta"]["rng"]["cpu"])
+        assert torch.equal(*rng)
+        rows = [
+            [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(tmp_path / f"run{i}")]
+            for i in range(2)
+        ]
+        assert rows[0] == rows[1]
+    finally:
+        torch.set_num_threads(threads)
