@@ -91,6 +91,9 @@ def common_parser(doc):
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (ignored on CUDA); 1: one reduction order anywhere"
+    )
+    r.add_argument(
         "--parallel",
         default="none",
         choices=("none", "ddp", "fsdp"),
@@ -103,7 +106,7 @@ def check_args(args, p, rules=()):
     """Refuse, up front and in one line, a value that would crash later or silently do nothing.
     Each rule is written so that nan fails it too; a file passes its own rules beside these."""
     common = [
-        ("steps batch_size max_new_tokens eval_prompts log_every", lambda v: v >= 1, "at least 1"),
+        ("steps batch_size max_new_tokens eval_prompts log_every threads", lambda v: v >= 1, "at least 1"),
         ("top_k", lambda v: v is None or v >= 1, "at least 1"),
         ("warmup_steps eval_every", lambda v: v >= 0, "0 or more"),
         ("lr", lambda v: 0 < v < math.inf, "a positive number"),

@@ -52,10 +52,13 @@ def setup_distributed(args):
 
 
 def start(args):
-    """setup_distributed, and what every method's train() takes next: a log that prints on rank 0 only,
+    """setup_distributed, the CPU threads and the global seed, and what every method's train() takes next: a log that prints on rank 0 only,
     and a --batch-size that splits evenly over the processes. Rank 0 takes --out-dir for this run before
     anything is written there (shared.data.hold_dir keeps the lock until the process ends)."""
     rank, world_size, device = setup_distributed(args)
+    if device.type == "cpu":  # the tiny models run as fast on one thread, and sum in the same order on any machine
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the global RNG (e.g. a fresh layer's init), same on every run and rank
     if rank == 0:
         hold_dir(args.out_dir)
     log = print if rank == 0 else (lambda *a, **k: None)

@@ -21,3 +21,13 @@ def toy_data(tmp_path_factory):
     write_shard(path / "toy_train_000000.bin", tokens[: n * 9 // 10])
     write_shard(path / "toy_val_000000.bin", tokens[n * 9 // 10 :])
     return path
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """A post-training main() run in-process sets torch's thread count (--threads); the next test gets its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
