@@ -1,5 +1,5 @@
 """GPT-2's training machinery, which train.py reaches by a few calls: the Config from --preset/--set or
---init-from, the model built and wrapped (meta device, activation checkpointing, per-block compile,
+--init-from, the model built and wrapped (meta device, activation checkpointing, compile,
 FSDP2, sharded --init-from), the memory plan checked before anything is allocated, the data loaders,
 and the run directory (atomic checkpoints, resume, metrics.jsonl).
 
@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from gpt2 import hf
-from gpt2.model import LOSS_CHUNK_ELEMENTS, Config, Transformer
+from gpt2.model import LOSS_CHUNK_ELEMENTS, Config, Transformer, loss_chunk_rows
 from shared.data import MARKER, DataLoader, check_tokenizer, default_corpus, fsync_dir, hold_dir, unigram_entropy
 from shared.plot import write_loss_plot
 from shared.tokenizer import TIKTOKEN_FILES, load_tokenizer
@@ -99,16 +99,18 @@ def parse_field(field_type, value: str):
 
 def build_model(args, cfg, device, compute_dtype):
     """Built on the meta device (shapes, no storage), wrapped, then allocated: activation checkpointing
-    -> per-block compile -> FSDP2 groups -> to_empty -> the initial values (or --init-from's weights).
-    Under FSDP each process only ever allocates its shard. Returns (the plain module, for state dicts
+    -> compile (the whole forward; each block under FSDP) -> FSDP2 groups -> to_empty -> the initial
+    values (or --init-from's weights). Under FSDP each process only ever allocates its shard. Returns (the plain module, for state dicts
     and generation; what the loop calls: the module or its DDP wrapper)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     for block in model.layers:
         if args.activation_checkpointing:  # keeps parameter names unchanged, unlike a wrapper module
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        if args.compile:  # each block in place: no `_orig_mod.` in the names, and FSDP's hooks between blocks
+        if args.compile and args.parallel == "fsdp":  # FSDP2's hooks run between blocks: each compiled, as torchtitan
             block.compile()
+    if args.compile and args.parallel != "fsdp":  # the whole forward, embedding to loss, one graph (a break: an error)
+        model.compile(fullgraph=True)  # in place: no `_orig_mod.` in the parameter names
     if args.parallel == "fsdp":
         shard_model(model, compute_dtype)
     model.to_empty(device=device)
@@ -216,6 +218,15 @@ def set_gradient_sync(wrapped, args, enabled):
         wrapped.require_backward_grad_sync = enabled
 
 
+def all_mean(x: torch.Tensor):
+    """x averaged over the processes, in place (x itself without torch.distributed)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.device.type == "cuda" else dist.ReduceOp.SUM)
+        if x.device.type != "cuda":  # gloo has no AVG
+            x /= dist.get_world_size()
+    return x
+
+
 # -----------------------------------------------------------------------------
 # Memory plan: what each process will hold, estimated from the meta model before anything is allocated
 
@@ -294,8 +305,11 @@ def activation_bytes(model, args, compute_dtype):
     # final norm, the head's input in the compute dtype; the loss holds one fp32 chunk of logits and,
     # in backward, its gradient in fp32 and in the compute dtype
     per_token += norm_bytes(model.norm, cfg.n_embd, stream) + size * cfg.n_embd
-    chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size  # as linear_cross_entropy
-    return tokens * per_token + chunk * (4 + 4 + size)
+    # as linear_cross_entropy: all the logits when they fit one chunk, else loss_chunk_rows rows at a time
+    rows, vocab = tokens, model.lm_head.weight.size(0)  # the head's rows, padding included
+    if tokens * vocab > LOSS_CHUNK_ELEMENTS:
+        rows = min(tokens, loss_chunk_rows(vocab))
+    return tokens * per_token + rows * vocab * (4 + 4 + size)
 
 
 def block_bytes_per_token(block, cfg, size, stream):
@@ -387,6 +401,30 @@ def data_loaders(args, cfg, rank, world_size, log):
     return train_loader, val_loader
 
 
+class Prefetcher:
+    """The training loader's batches on the device. On CUDA each is pinned and copied without blocking one
+    batch ahead, so the next batch's copy overlaps this one's compute; elsewhere they come as they are.
+    state_dict is the loader's before the batch fetched ahead: a checkpoint resumes with that batch."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.ahead = loader, device, None
+        self.state = loader.state_dict()
+
+    def next_batch(self):
+        if self.device.type != "cuda":
+            return self.loader.next_batch()
+        batch = self.ahead or self.fetch()
+        self.state = self.loader.state_dict()
+        self.ahead = self.fetch()
+        return batch
+
+    def fetch(self):
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in self.loader.next_batch())
+
+    def state_dict(self):
+        return self.state if self.device.type == "cuda" else self.loader.state_dict()
+
+
 def load_tokenizer_for(args, cfg):
     """--tokenizer, checked now rather than after the training: the prompt must be in the model's vocabulary."""
     args.tokenizer = args.tokenizer or default_tokenizer(args)
@@ -415,6 +453,49 @@ def default_tokenizer(args):
     name = (json.loads(marker.read_text()).get("tokenizer") or {}).get("name") if marker.is_file() else None
     # a tokenizer.json is recorded as "tokenizer.json:PATH"; tiktoken files as "FORMAT:PATH", load_tokenizer's own
     return name.removeprefix("tokenizer.json:") if name else "gpt2"
+
+
+# -----------------------------------------------------------------------------
+# Each step's figures, read from the device only where the loop may wait
+
+
+class StepFigures:
+    """Each step's loss and gradient norm, kept on the device until a step that may wait for it (a log, eval
+    or last step, or one about to write a checkpoint) reads all of them at once: one all-reduce of the
+    losses and one copy to the host, so the other steps never make the host wait for the device. A read
+    stops the run at the first non-finite value, naming its step, before any checkpoint can hold it."""
+
+    def __init__(self, run):
+        self.run, self.rows = run, []  # [step, lr, loss, grad norm]: tensors until read
+
+    def add(self, step, lr, loss):
+        self.rows.append([step, lr, loss, None])
+
+    def add_grad_norm(self, grad_norm):
+        self.rows[-1][3] = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: a DTensor
+
+    def read(self):
+        """The rows not yet taken, as floats; stops the run at the first non-finite loss or gradient norm."""
+        losses = [row for row in self.rows if isinstance(row[2], torch.Tensor)]
+        norms = [row for row in self.rows if isinstance(row[3], torch.Tensor)]
+        if losses or norms:  # the losses averaged over the processes; a gradient norm is the same on each already
+            parts = [all_mean(torch.stack([row[2] for row in losses]))] if losses else []
+            parts += [torch.stack([row[3] for row in norms]).float()] if norms else []
+            values = iter(torch.cat(parts).tolist())  # the one copy to the host
+            for i, rows in ((2, losses), (3, norms)):
+                for row in rows:
+                    row[i] = next(values)
+        for step, _, loss, grad_norm in self.rows:
+            if not math.isfinite(loss):
+                self.run.stop(f"loss is {loss} at step {step}")
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                self.run.stop(f"gradient norm is {grad_norm} at step {step} (loss {loss:.4f})")
+        return self.rows
+
+    def take(self):
+        """Read, then forget, the rows: [(step, lr, loss, grad norm)] since the last take."""
+        rows, self.rows = self.read(), []
+        return rows
 
 
 # -----------------------------------------------------------------------------

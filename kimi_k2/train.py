@@ -59,7 +59,7 @@ def parse_args(argv=None):
     m.add_argument("--preset", default="tiny", choices=PRESETS, help="model size")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="set a Config field; repeatable")
     m.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face checkpoint (no --preset, --set)")
-    m.add_argument("--compile", action="store_true", help="torch.compile each block")
+    m.add_argument("--compile", action="store_true", help="torch.compile the whole forward, loss included")
     m.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="*_train_*.bin, *_val_*.bin token shards (default: bundled Shakespeare)")
@@ -144,7 +144,10 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from kimi_k2.infra import (  # noqa: E402
+    Prefetcher,
     Run,
+    StepFigures,
+    all_mean,
     build_model,
     config_from_args,
     data_loaders,
@@ -204,14 +207,6 @@ def batch_tokens(args, cfg, world_size):
             f"processes = {tokens_per_micro}"
         )
     return total_batch, total_batch // tokens_per_micro
-
-
-def all_mean(x: torch.Tensor):
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.device.type == "cuda" else dist.ReduceOp.SUM)
-        if x.device.type != "cuda":  # gloo has no AVG
-            x /= dist.get_world_size()
-    return x
 
 
 # -----------------------------------------------------------------------------
@@ -440,10 +435,9 @@ class TrainingExtras:
             dist.all_reduce(self.step_logit_max, op=dist.ReduceOp.MAX)
         over = self.step_logit_max > self.tau  # (n_layer, n_head); False for -inf (nothing reported)
         gammas = torch.where(over, self.tau / self.step_logit_max, 1.0)
-        with torch.no_grad():
-            for attn, gamma, clipped in zip(self.attentions, gammas, over.tolist(), strict=True):
-                if any(clipped):  # gamma 1 everywhere would leave the weights as they are
-                    clip_heads(attn, gamma)
+        with torch.no_grad():  # every layer, without reading `over` back: a head's gamma 1 leaves its rows exact
+            for attn, gamma in zip(self.attentions, gammas, strict=True):
+                clip_heads(attn, gamma)
         self.logit_max = torch.maximum(self.logit_max, self.step_logit_max.max())
         self.step_logit_max.fill_(-math.inf)
 
@@ -543,59 +537,63 @@ def train(args):
         log(f"from the {args.preset} preset's published recipe (TRAINING_DEFAULTS): {given}")
     run.start(train_loader)
 
+    batches = Prefetcher(train_loader, device)  # on CUDA: pinned, copied one batch ahead
+    figures = StepFigures(run)  # each step's loss and grad norm, read only where the loop may wait
     flops_per_token, peak = model.flops_per_token(args.seq_len), peak_flops(args, device, compute_dtype)
     last_step = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
     t0, last_logged = time.perf_counter(), step
     while step < last_step:
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = train_loader.next_batch()
+            x, y = batches.next_batch()
             set_gradient_sync(wrapped, args, enabled=micro == accum - 1)
             aux = {}  # the forward's own statistics, e.g. a mixture of experts' load
             with autocast:
-                _, loss = wrapped(x.to(device, non_blocking=True), y.to(device, non_blocking=True), aux=aux)
+                _, loss = wrapped(x, y, aux=aux)
             (loss / accum).backward()  # accumulated gradients = gradient of the mean loss
             loss_sum += loss.detach()
             extras.after_forward(aux)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
-        train_loss = all_mean(loss_sum / accum).item()
-        if not math.isfinite(train_loss):
-            run.stop(f"loss is {train_loss} at step {step}")
-        run.save_pending(model, optimizer)  # the last step's checkpoint: this forward proved its weights
-        if not math.isfinite(grad_norm.item()):
-            run.stop(f"gradient norm is {grad_norm.item()} at step {step} (loss {train_loss:.4f})")
         lr = lr_at(step, args)
+        figures.add(step, lr, loss_sum / accum)
+        if run.pending:  # the last step's checkpoint: written once this forward has proved its weights finite
+            figures.read()
+            run.save_pending(model, optimizer)
+        figures.add_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
+        step += 1
+        log_step = step % args.log_every == 0 or step == args.max_steps
+        eval_step = (args.eval_every and step % args.eval_every == 0) or step == args.max_steps
+        ckpt_step = (args.ckpt_every and step % args.ckpt_every == 0) or step == last_step
+        waits = log_step or eval_step or ckpt_step  # a step that may wait for the device: it reads, before updating
+        if waits:
+            figures.read()
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         extras.after_step(model)
-        step += 1
 
-        figures = {}
-        if step % args.log_every == 0 or step == args.max_steps:
+        stats = extras.summary() if log_step else {}
+        for done, lr, train_loss, grad_norm in figures.take() if waits else []:  # noqa: B007 (logged below)
+            run.record(step=done + 1, loss=train_loss, lr=lr, **(stats if done + 1 == step else {}))
+        if log_step:
             tokens_per_s = total_batch * (step - last_logged) / (time.perf_counter() - t0)
             mfu = flops_per_token * tokens_per_s / peak if peak else None
-            figures = extras.summary()
             log(
-                f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
+                f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                 f"{tokens_per_s:,.0f} tok/s"
                 + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
-                + "".join(f" | {name} {value:.4g}" for name, value in figures.items())
+                + "".join(f" | {name} {value:.4g}" for name, value in stats.items())
             )
             t0, last_logged = time.perf_counter(), step
-        run.record(step=step, loss=train_loss, lr=lr, **figures)
-        if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
+        if eval_step:
             val_loss = evaluate(wrapped, val_loader, args, device, autocast, rank, world_size)
             log(f"step {step:5d} | val loss {val_loss:.4f}")
             run.record(step=step, val_loss=val_loss)
-        if (args.ckpt_every and step % args.ckpt_every == 0) or step == last_step:
-            run.snapshot(step, train_loader)  # written during the next step, once its forward is finite
+        if ckpt_step:
+            run.snapshot(step, batches)  # written during the next step, once its forward is finite
     if run.pending:  # the run's last weights: one forward on the next batch, without an update, proves them
         with torch.no_grad(), autocast:
-            x, y = train_loader.next_batch()
-            loss = all_mean(wrapped(x.to(device), y.to(device))[1].float()).item()
+            loss = all_mean(wrapped(*batches.next_batch())[1].float()).item()
         if not math.isfinite(loss):
             run.stop(f"loss is {loss} at step {step}")
         run.save_pending(model, optimizer)
@@ -620,7 +618,7 @@ def print_sample(model, tokenizer, args, device, autocast, log):
     n = min(args.sample_tokens, model.cfg.block_size - idx.size(1))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     model.eval()
-    with autocast:
+    with autocast, torch.compiler.set_stance("force_eager"):  # decoding: not the compiled training forward
         out = model.generate(idx, n, temperature=args.temperature, top_k=args.top_k, generator=generator)
     log("-" * 80 + "\n" + tokenizer.decode(out[0].tolist()) + "\n" + "-" * 80)
 

@@ -262,6 +262,7 @@ INFRA_COPIES = {
     "copy_part": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "rows_kept": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "set_gradient_sync": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "all_mean": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # the memory plan: the architecture enters through its per-module terms
     "plan_memory": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "memory_plan": ["gpt2", "llama31", "qwen3", "deepseek3"],  # kimi_k2: MuonClip's state
@@ -289,8 +290,11 @@ INFRA_COPIES = {
     "check_memory": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # data and tokenizer
     "data_loaders": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    "Prefetcher": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "load_tokenizer_for": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "default_tokenizer": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
+    # the loop's figures, read only where it may wait for the device
+    "StepFigures": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     # checkpoints and the run directory
     "CHECKPOINT_NAMES": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
     "RUN_SETTINGS": ["gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"],
