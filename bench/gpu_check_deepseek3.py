@@ -5,10 +5,10 @@ Nothing is asserted; every check prints a line, and one summary table closes the
     PYTHONPATH=. python3 bench/gpu_check_deepseek3.py                 # on an H100: under 4 minutes
     uv run python -m bench.gpu_check_deepseek3 --device cpu --quick   # the same checks, toy sizes, on CPU
 
-1. train.py, 10 bf16 steps each: the tiny preset eager and under --compile, tiny_moe, and deepseek_v3_16b's
+1. train.py, 15 bf16 steps each: the tiny preset eager and under --compile, tiny_moe, and deepseek_v3_16b's
    layers (MLA with the kernel's 512 + 64 latent, 64 experts of which 6 per token, 2 shared) cut to 3
-   layers with GPT-2's vocabulary: last logged loss, tokens/s, peak CUDA memory allocated beside
-   train.py's own memory estimate.
+   layers with GPT-2's vocabulary, both compiled: last logged loss, tokens/s and MFU over the warm steps
+   11-15 (the last log line), peak CUDA memory allocated beside train.py's own memory estimate.
 2. Decoding with the latent cache (the weight-absorbed form; FlashMLA's kernel when it is installed
    and the GPU is SM90) against the full forward (the expanded form), both bf16, each compared with
    the fp32 full forward: a wrong cache shows as an error far above bf16's own.
@@ -35,10 +35,10 @@ GIB = 2**30
 TRAIN_RUNS = [
     ("tiny", "--preset tiny --batch-size 8 --seq-len 256"),
     ("tiny --compile", "--preset tiny --batch-size 8 --seq-len 256 --compile"),
-    ("tiny_moe", "--preset tiny_moe --batch-size 8 --seq-len 256"),
+    ("tiny_moe --compile", "--preset tiny_moe --batch-size 8 --seq-len 256 --compile"),
     (
-        "deepseek_v3_16b, 3 layers",
-        "--preset deepseek_v3_16b --set n_layer=3 --set vocab_size=50304 --batch-size 4 --seq-len 2048",
+        "deepseek_v3_16b, 3 layers, --compile",
+        "--preset deepseek_v3_16b --set n_layer=3 --set vocab_size=50304 --batch-size 4 --seq-len 2048 --compile",
     ),
 ]
 QUICK_TRAIN_RUNS = [  # --quick: toy sizes that run on a CPU in seconds
@@ -46,7 +46,7 @@ QUICK_TRAIN_RUNS = [  # --quick: toy sizes that run on a CPU in seconds
     ("tiny_moe, 2 layers", "--preset tiny_moe --set n_layer=2 --batch-size 2 --seq-len 32"),
 ]
 DENSE_2_LAYERS = dict(n_layer=2, first_k_dense_replace=2)
-STEPS = "--max-steps 10 --warmup-steps 2 --log-every 5 --eval-every 0 --eval-steps 2 --sample-tokens 0"
+STEPS = "--max-steps 15 --warmup-steps 2 --log-every 5 --eval-every 0 --eval-steps 2 --sample-tokens 0"
 QUICK_STEPS = "--max-steps 4 --warmup-steps 1 --log-every 2 --eval-every 0 --eval-steps 1 --sample-tokens 0"
 
 

@@ -142,3 +142,29 @@ def test_first_run_reports(capsys, toy_data):
     assert re.search(r"wall time: [\d.]+ s from launch to the sample \(load average", out), out
     assert re.search(r"final val loss: [\d.]+ \(unigram baseline [\d.]+\)", out), out
     assert "no sample printed" not in out.split("sample:")[1], out
+
+
+def test_gpu_check_runs_are_valid_compiled_train_py_runs_that_fit_an_h100():
+    """bench/gpu_check runs on a lent GPU only: here each run's arguments parse through its model's train.py
+    (--compile, one micro-batch per step, warm steps after the first log line) and its memory estimate,
+    from the meta model, fits an H100's 80 GB."""
+    from bench import gpu_check
+
+    assert {package for _, package, _ in gpu_check.RUNS} == {"gpt2", "llama31", "qwen3", "deepseek3", "kimi_k2"}
+    for name, package, arguments in gpu_check.RUNS:
+        spec = by_name(package)
+        args = spec.train.parse_args(gpu_check.arguments_of(arguments).split() + ["--device", "cpu"])
+        assert args.compile and args.max_steps > 2 * args.log_every, name
+        with torch.device("meta"):
+            model = spec.model.Transformer(spec.train.config_from_args(args))
+        plan = spec.infra.memory_plan(model, args, 1, torch.bfloat16)
+        assert sum(plan.values()) < 75 * 2**30, (name, {k: v / 2**30 for k, v in plan.items()})
+
+
+def test_compile_step_quick(capsys):
+    """bench/compile_step's smoke run (aot_eager, not inductor): the compiled copy's first loss is eager's."""
+    from bench import compile_step
+
+    compile_step.main(["--quick", "--models", "gpt2"])
+    losses = capsys.readouterr().out.splitlines()[-1].split()[-3:]
+    assert losses[0] == losses[2], losses

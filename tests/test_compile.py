@@ -3,17 +3,23 @@ mode (targets and the aux dict passed as the training loop passes them) and in e
 into one graph (fullgraph=True: a graph break is an error) and is not recompiled for new batches of
 the same shape; the compiled losses, gradients and aux statistics equal eager's. And a training
 step reads nothing back from the device (no host sync), while a direct call still names a bad id.
+And train.py's --compile (infra.build_model) runs that whole forward: one graph per signature over
+steps and evaluations, with an eager run's losses.
 
 The graphs are counted by a backend of this file: dynamo decides graph breaks and recompiles whatever
 the backend. Training graphs run through aot_eager, whose AOTAutograd traces the backward as inductor
 would (the chunked loss's autograd.Function included), in seconds per model; inductor's code
 generation would take minutes on two CPU cores."""
 
+import functools
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from registry import MODELS
 from sync_counter import HostSyncCounter
+from train_helpers import run_in_process, train_args
 
 models = pytest.mark.parametrize("spec", MODELS, ids=lambda s: s.name)
 STEPS = 3  # batches of one shape: the first compiles, the others must reuse the graph
@@ -134,3 +140,25 @@ def test_chunked_loss_with_padding_rows_is_one_graph_and_equals_eager():
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     assert backend.graphs == 1
+
+
+@models
+def test_train_py_compile_is_one_graph_per_signature_with_eager_losses(spec, toy_data, tmp_path, monkeypatch):
+    """`--compile` through the real train(): build_model compiles the whole forward, loss included, with
+    fullgraph=True (a graph break is an error); four steps with two evaluations compile three graphs
+    (training, eval, the no-grad forward that proves the last checkpoint), none again for a later step,
+    and every step's loss and the validation losses equal an eager run's."""
+    backend = CountingBackend()  # aot_eager: AOTAutograd traces the backward as inductor would, in seconds
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    steps = ("--max-steps", 4, "--eval-every", 2, "--log-every", 2)
+    eager = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "eager", *steps))
+    assert backend.graphs == 0
+    counters.clear()
+    compiled = run_in_process(spec, *train_args(spec, toy_data, tmp_path / "compiled", *steps), "--compile")
+    assert backend.graphs == 3, f"{backend.graphs} graphs: a step or an evaluation recompiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert [row.keys() for row in compiled] == [row.keys() for row in eager]
+    for expected, got in zip(eager, compiled, strict=True):
+        for key in ("loss", "val_loss"):
+            if key in expected:
+                assert got[key] == pytest.approx(expected[key], abs=1e-5), (expected, got)
