@@ -106,8 +106,9 @@ def parse_field(field_type, value: str):
 def build_model(args, cfg, device, compute_dtype):
     """Built on the meta device (shapes, no storage), wrapped, then allocated: activation checkpointing
     -> compile (the whole forward; each block under FSDP) -> FSDP2 groups -> to_empty -> the initial
-    values (or --init-from's weights). Under FSDP each process only ever allocates its shard. Returns (the plain module, for state dicts
-    and generation; what the loop calls: the module or its DDP wrapper)."""
+    values (or --init-from's weights). Under FSDP each process only ever allocates its shard. Returns
+    (the plain module, for state dicts and generation; what the loop calls: the module or its DDP
+    wrapper)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     for block in model.layers:
