@@ -445,7 +445,8 @@ def train(args):
             t0, last_logged = time.perf_counter(), step
         if eval_step:
             val_loss = evaluate(wrapped, val_loader, args, device, autocast, rank, world_size)
-            log(f"step {step:5d} | val loss {val_loss:.4f}")
+            baseline = f" (unigram baseline {val_loader.unigram:.2f})" if val_loader.unigram else ""
+            log(f"step {step:5d} | val loss {val_loss:.4f}{baseline}")
             run.record(step=step, val_loss=val_loss)
         if ckpt_step:
             run.snapshot(step, batches)  # written during the next step, once its forward is finite
