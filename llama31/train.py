@@ -1,7 +1,7 @@
 """Pretrain Llama 3.1 on one CPU, one GPU, or many GPUs with DDP or FSDP2 — the same file for all.
 --init-from starts from a Hugging Face checkpoint or from Meta's own (params.json + consolidated.*.pth).
 
-    python llama31/train.py                                 # tiny model, bundled Shakespeare, CPU, ~1 min
+    python llama31/train.py                                 # tiny model, bundled Shakespeare, CPU, a few min
     python llama31/train.py --preset llama32_1b --data-dir data/fineweb10B           # 1.2B on one GPU
     torchrun --nproc_per_node 8 llama31/train.py --preset llama31_8b --parallel fsdp --data-dir data/fineweb10B
     python llama31/train.py --generate --prompt "ROMEO:"    # sample from the last checkpoint
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     d.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per process")
     d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (at most the model's block_size)")
     o = p.add_argument_group("optimizer", "A real --preset (not tiny) sets the first five to its published recipe.")
-    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    o.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     o.add_argument("--warmup-steps", type=int, default=20, help="linear warmup")
     o.add_argument("--total-batch-tokens", type=int, help="tokens per step (default: a micro-batch per process)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     o.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0 disables)")
     r = p.add_argument_group("run")
-    r.add_argument("--max-steps", type=int, default=300, help="optimizer steps (sets the LR schedule's length)")
+    r.add_argument("--max-steps", type=int, default=550, help="optimizer steps (sets the LR schedule's length)")
     r.add_argument("--stop-after", type=int, help="end after N steps, checkpointed, to --resume later")
     r.add_argument("--eval-every", type=int, default=100, help="steps between validation runs (0: only at the end)")
     r.add_argument("--eval-steps", type=int, default=20, help="validation batches per run")
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     s = p.add_argument_group("sampling")
     s.add_argument("--generate", action="store_true", help="only sample from the checkpoint (or --init-from)")
     s.add_argument("--prompt", default="\n", help="text the sample starts from (default: a newline)")
-    s.add_argument("--sample-tokens", type=int, default=250, help="tokens to sample at the end (0: none)")
+    s.add_argument("--sample-tokens", type=int, default=120, help="tokens sampled at the end (0: none), < --seq-len")
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
 

@@ -130,10 +130,10 @@ def test_init_from_names_what_does_not_match(tmp_path):
     [
         ("gpt2", ["--preset", "gpt2"], dict(lr=6e-4, warmup_steps=700, total_batch_tokens=2**19), True),
         ("gpt2", ["--preset", "gpt2", "--lr", "1e-3"], dict(lr=1e-3, warmup_steps=700), True),
-        ("gpt2", [], dict(lr=4e-3, warmup_steps=20, total_batch_tokens=None, min_lr_ratio=0.1), False),
+        ("gpt2", [], dict(lr=5e-3, warmup_steps=20, total_batch_tokens=None, min_lr_ratio=0.1), False),
         ("llama31", ["--preset", "llama31_405b"], dict(lr=8e-5, warmup_steps=8000, min_lr_ratio=0.01), True),
         ("llama31", ["--preset", "llama31_8b", "--warmup-steps", "0"], dict(lr=3e-4, warmup_steps=0), True),
-        ("qwen3", ["--preset", "qwen3_8b"], dict(lr=4e-3, warmup_steps=20), False),  # none published
+        ("qwen3", ["--preset", "qwen3_8b"], dict(lr=5e-3, warmup_steps=20), False),  # none published
     ],
 )
 def test_presets_train_with_their_published_recipe_unless_a_flag_says_otherwise(package, argv, expected, recipe):
