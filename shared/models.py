@@ -5,7 +5,6 @@ the post-training files, the benchmarks and the whole suite by adding one entry 
 list of model packages, not model code: each entry's model, hf and train modules are imported on use."""
 
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
 
 # bench/'s default CPU run: the model's tiny preset with a 4,096-token vocabulary. At GPT-2's
@@ -47,8 +46,7 @@ class ModelSpec:
 
     @property
     def infra(self):
-        name = f"{self.package}.infra"
-        return importlib.import_module(name if importlib.util.find_spec(name) else f"{self.package}.train")
+        return importlib.import_module(f"{self.package}.infra")
 
     def config(self, **overrides):
         return self.model.Config(**{**self.small, **overrides})

@@ -152,12 +152,6 @@ def module_text(package, module):
     return (ROOT / package / f"{module}.py").read_text()
 
 
-def migrated(package):
-    """Whether the package has the train.py + infra.py layout yet; others are skipped until they do."""
-    if not (ROOT / package / "infra.py").exists():
-        pytest.skip(f"{package}: not migrated (no infra.py)")
-
-
 # train.py: every model's script is gpt2/train.py with its own docstring and model import. What a model
 # changes about training goes into the extension points, identical in name and signature everywhere.
 EXTENSION_POINTS = {"make_optimizer", "TrainingExtras"}
@@ -198,7 +192,6 @@ def skeleton_problems(template_text, text):
 
 @pytest.mark.parametrize("package", [p for p in PACKAGES if p != "gpt2"])
 def test_train_scripts_share_the_gpt2_skeleton(package):
-    migrated(package)
     problems = skeleton_problems(module_text("gpt2", "train"), module_text(package, "train"))
     assert not problems, f"{package}/train.py against gpt2/train.py: {problems}; re-copy, or mark the change"
 
@@ -337,7 +330,6 @@ def unlisted(package, listed):
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_infra_definition_is_listed_or_marked(package):
-    migrated(package)
     missing = unlisted(package, INFRA_COPIES)
     assert not missing, f"{package}/infra.py: {missing} are in no INFRA_COPIES row for {package} and not marked"
 

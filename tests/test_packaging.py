@@ -63,17 +63,16 @@ def test_wheel_holds_only_the_minllm_namespace(wheel):
 
 def test_every_model_imports_and_runs_from_the_wheel(site, tmp_path):
     code = f"""
-        import importlib, importlib.util, sys
+        import importlib, sys
         import torch
         site = {str(site)!r}
         for name in {MODELS!r}:
             model, hf = (importlib.import_module(f"minllm.{{name}}.{{file}}") for file in ("model", "hf"))
-            # the scripts' absolute imports, `from {{name}} import hf` (infra.py, or train.py before it had one)
-            scripts = [f"minllm.{{name}}.{{file}}" for file in ("train", "infra")]
-            scripts = [importlib.import_module(s) for s in scripts if importlib.util.find_spec(s)]
-            for module in (model, hf, *scripts):
+            # the scripts' absolute imports: train.py's `from {{name}}.infra import ...`, infra.py's `from {{name}} import hf`
+            train, infra = (importlib.import_module(f"minllm.{{name}}.{{file}}") for file in ("train", "infra"))
+            for module in (model, hf, train, infra):
                 assert module.__file__.startswith(site), module.__file__
-            assert scripts[-1].hf is hf  # one module object, whichever name imported it
+            assert infra.hf is hf  # one module object, whichever name imported it
             torch.manual_seed(0)
             net = model.Transformer(model.Config.tiny())
             idx = torch.randint(0, net.cfg.vocab_size, (1, 8))
